@@ -1,0 +1,93 @@
+//! Batching: right padding to the longest row of each batch (dynamic padding), and batches of similar length.
+
+use crate::split::SplitMix64;
+
+/// A padded batch, row-major `[batch, seq_len]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub input_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u32>,
+    /// Unpadded length of each row; the classifier pools the token at `lengths[i] - 1`.
+    pub lengths: Vec<usize>,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+/// Pads `rows` on the right with `pad_id` to the longest row.
+pub fn collate(rows: &[&[u32]], pad_id: u32) -> Batch {
+    let seq_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut input_ids = Vec::with_capacity(rows.len() * seq_len);
+    let mut attention_mask = Vec::with_capacity(rows.len() * seq_len);
+    for row in rows {
+        input_ids.extend_from_slice(row);
+        input_ids.extend(std::iter::repeat_n(pad_id, seq_len - row.len()));
+        attention_mask.extend(std::iter::repeat_n(1, row.len()));
+        attention_mask.extend(std::iter::repeat_n(0, seq_len - row.len()));
+    }
+    Batch { input_ids, attention_mask, lengths: rows.iter().map(|r| r.len()).collect(), batch_size: rows.len(), seq_len }
+}
+
+/// Batches of row indices in order.
+pub fn sequential_batches(n: usize, batch_size: usize) -> Vec<Vec<usize>> {
+    (0..n).collect::<Vec<_>>().chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+}
+
+/// Length-grouped batches, as Hugging Face's `group_by_length`: a seeded permutation is cut into mega-batches of
+/// `mega * batch_size` rows, each sorted longest first and cut into batches, so a batch holds rows of similar length
+/// (little padding) while the order stays random. The batch holding the longest row goes first, so a run that
+/// would run out of memory does so at once.
+pub fn length_grouped_batches(lengths: &[usize], batch_size: usize, mega: usize, seed: u64) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    SplitMix64::new(seed).shuffle(&mut order);
+    let mut batches = Vec::with_capacity(lengths.len().div_ceil(batch_size));
+    for chunk in order.chunks_mut((mega.max(1)) * batch_size) {
+        chunk.sort_by(|&x, &y| lengths[y].cmp(&lengths[x]));
+        batches.extend(chunk.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    let longest = batches
+        .iter()
+        .enumerate()
+        .max_by_key(|(k, b)| (b.iter().map(|&i| lengths[i]).max().unwrap_or(0), std::cmp::Reverse(*k)))
+        .map(|(k, _)| k);
+    if let Some(k) = longest {
+        batches.swap(0, k);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_right_to_the_longest_row() {
+        let b = collate(&[&[2, 5, 1], &[2, 1]], 0);
+        assert_eq!(b.seq_len, 3);
+        assert_eq!(b.input_ids, vec![2, 5, 1, 2, 1, 0]);
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 0]);
+        assert_eq!(b.lengths, vec![3, 2]);
+    }
+
+    #[test]
+    fn grouped_batches_cover_every_row_once_and_group_lengths() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 500 + 3).collect();
+        let batches = length_grouped_batches(&lengths, 8, 50, 3);
+        let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        let max = *lengths.iter().max().unwrap();
+        assert!(batches[0].iter().any(|&i| lengths[i] == max));
+        // Padding waste against random batches of the same size.
+        let waste = |bs: &[Vec<usize>]| -> usize {
+            bs.iter().map(|b| {
+                let m = b.iter().map(|&i| lengths[i]).max().unwrap();
+                b.iter().map(|&i| m - lengths[i]).sum::<usize>()
+            }).sum()
+        };
+        let random = length_grouped_batches(&lengths, 8, 1, 3);
+        assert!(waste(&batches) * 5 < waste(&random), "{} vs {}", waste(&batches), waste(&random));
+        assert_eq!(batches, length_grouped_batches(&lengths, 8, 50, 3));
+    }
+}

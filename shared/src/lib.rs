@@ -1,0 +1,20 @@
+//! arena-judge's shared crate: everything the trainer (native) and the web app (wasm32) must do identically.
+//!
+//! - [`data`]: loading Arena rows from parquet or CSV, in the WSDM or LMSYS schema;
+//! - [`split`]: seeded stratified subsampling and train/val/test splits;
+//! - [`tokenizer`], [`truncate`], [`preprocess`]: the reference recipe's text preprocessing, token for token;
+//! - [`batch`]: dynamic padding and length-grouped batches;
+//! - with the `native` feature, [`cache`] and [`prepare`]: the on-disk prepared-data cache and its multi-core
+//!   builder.
+
+pub mod batch;
+pub mod data;
+pub mod preprocess;
+pub mod split;
+pub mod tokenizer;
+pub mod truncate;
+
+#[cfg(feature = "native")]
+pub mod cache;
+#[cfg(feature = "native")]
+pub mod prepare;

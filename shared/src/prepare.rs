@@ -1,0 +1,192 @@
+//! `prepare`: load → drop ties → subsample → split → truncate and tokenize (all cores) → write the cache.
+
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+
+use crate::cache::{
+    CacheError, Counts, FileEntry, Manifest, PrepareSettings, PreparedSplit, RowMeta, SourceInfo, SplitCounts,
+    TokenizerInfo, cache_key, sha256_file,
+};
+use crate::data::{DataError, Dataset, Label, Record, load_file};
+use crate::preprocess::{ConfigError, Example, preprocess_record};
+use crate::split::{SplitError, stratified_sample, stratified_split};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Split(#[from] SplitError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{file}: row {row} (id {id}): {source}")]
+    Row {
+        file: String,
+        row: usize,
+        id: String,
+        #[source]
+        source: TokenizerError,
+    },
+}
+
+/// Where progress goes; the library never prints. Implementations must be cheap: `inc` is called once per row
+/// from every worker thread.
+pub trait Progress: Sync {
+    fn start(&self, _stage: &str, _total: u64) {}
+    fn inc(&self, _n: u64) {}
+    fn finish(&self) {}
+}
+
+/// Progress that goes nowhere.
+pub struct Silent;
+impl Progress for Silent {}
+
+#[derive(Debug, Clone)]
+pub struct PrepareRequest {
+    pub data: PathBuf,
+    pub tokenizer: PathBuf,
+    pub out: PathBuf,
+    pub settings: PrepareSettings,
+    /// Rebuild even when the cache is up to date.
+    pub force: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub manifest: Manifest,
+    /// The cache already matched the inputs and was kept as it was.
+    pub reused: bool,
+}
+
+/// Runs the pipeline, or reuses `out` when its manifest has the same key (same source bytes, tokenizer bytes and
+/// settings) and all its files are present.
+pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared, PrepareError> {
+    req.settings.preprocess.validate()?;
+    req.settings.ratios.validate()?;
+    let (source_sha, source_bytes) = sha256_file(&req.data).map_err(|e| match e {
+        CacheError::Io { source, .. } => PrepareError::Data(DataError::Io { file: req.data.display().to_string(), source }),
+        other => other.into(),
+    })?;
+    let (tok_sha, _) = sha256_file(&req.tokenizer).map_err(|e| match e {
+        CacheError::Io { source, .. } => PrepareError::Tokenizer(TokenizerError::Read {
+            file: req.tokenizer.display().to_string(),
+            message: source.to_string(),
+        }),
+        other => other.into(),
+    })?;
+    let key = cache_key(&source_sha, &tok_sha, &req.settings);
+    if !req.force {
+        if let Ok(manifest) = Manifest::read(&req.out) {
+            if manifest.key == key && manifest.files_present(&req.out) {
+                return Ok(Prepared { manifest, reused: true });
+            }
+        }
+    }
+
+    let file = req.data.display().to_string();
+    progress.start("loading", 0);
+    let Dataset { format, records } = load_file(&req.data, req.settings.format)?;
+    let tokenizer = Tokenizer::from_file(&req.tokenizer)?;
+    progress.finish();
+
+    let rows_read = records.len();
+    let (records, ties_dropped) = drop_ties(records, req.settings.keep_ties);
+    if records.is_empty() {
+        return Err(DataError::NoRows { file, reason: format!("after dropping {ties_dropped} ties") }.into());
+    }
+    let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
+    let kept = if req.settings.sample_percent < 100.0 {
+        stratified_sample(&labels, req.settings.sample_percent, req.settings.seed)?
+    } else {
+        (0..records.len()).collect()
+    };
+    let kept_labels: Vec<Label> = kept.iter().map(|&i| labels[i]).collect();
+    let splits = stratified_split(&kept_labels, req.settings.ratios, req.settings.seed)?;
+
+    progress.start("tokenizing", kept.len() as u64);
+    let examples: Vec<Example> = kept
+        .par_iter()
+        .map(|&i| {
+            let r = &records[i];
+            let out = preprocess_record(&tokenizer, &req.settings.preprocess, r, false)
+                .map_err(|source| PrepareError::Row { file: file.clone(), row: i + 1, id: r.id.clone(), source });
+            progress.inc(1);
+            out
+        })
+        .collect::<Result<_, _>>()?;
+    progress.finish();
+
+    std::fs::create_dir_all(&req.out).map_err(|source| CacheError::Io { path: req.out.clone(), source })?;
+    let mut files: Vec<FileEntry> = Vec::new();
+    let mut split_counts = Vec::new();
+    for (name, idx) in splits.named() {
+        let mut split = PreparedSplit::with_capacity(idx.len());
+        for &k in idx {
+            let (r, e) = (&records[kept[k]], &examples[k]);
+            split.push(row_meta(r, e), &e.input_ids);
+        }
+        let [a, b, t] = split.label_counts();
+        split_counts.push((
+            name.to_string(),
+            SplitCounts {
+                rows: split.len(),
+                model_a: a,
+                model_b: b,
+                tie: t,
+                tokens: split.total_tokens(),
+                cut_at_max_length: split.rows.iter().filter(|r| r.cut).count(),
+                snipped: split.rows.iter().filter(|r| r.snipped.iter().any(|&s| s)).count(),
+            },
+        ));
+        files.push(split.write(&req.out.join(format!("{name}.bin")))?);
+    }
+    let manifest = Manifest {
+        version: crate::cache::CACHE_VERSION,
+        key,
+        source: SourceInfo { path: file, sha256: source_sha, bytes: source_bytes, format },
+        tokenizer: TokenizerInfo {
+            path: req.tokenizer.display().to_string(),
+            sha256: tok_sha,
+            engine: tokenizer.engine_name().into(),
+        },
+        settings: req.settings.clone(),
+        counts: Counts { rows_read, ties_dropped, rows_after_sample: kept.len(), splits: split_counts },
+        files,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    manifest.write(&req.out)?;
+    Ok(Prepared { manifest, reused: false })
+}
+
+/// Removes ties unless they are kept as a class; returns the rows and how many were dropped.
+pub fn drop_ties(records: Vec<Record>, keep_ties: bool) -> (Vec<Record>, usize) {
+    if keep_ties {
+        return (records, 0);
+    }
+    let before = records.len();
+    let kept: Vec<Record> = records.into_iter().filter(|r| r.label != Label::Tie).collect();
+    let dropped = before - kept.len();
+    (kept, dropped)
+}
+
+fn row_meta(r: &Record, e: &Example) -> RowMeta {
+    RowMeta {
+        id: r.id.clone(),
+        label: r.label,
+        language: r.language.clone(),
+        model_a: r.model_a.clone(),
+        model_b: r.model_b.clone(),
+        field_tokens: e.field_tokens,
+        snipped: e.snipped,
+        cut: e.cut,
+    }
+}

@@ -1,0 +1,199 @@
+//! `trainer`: the arena-judge command line. Each command parses its flags and calls into `shared`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use shared::cache::{Manifest, PrepareSettings};
+use shared::data::Format;
+use shared::preprocess::PreprocessConfig;
+use shared::prepare::{PrepareRequest, Progress, prepare};
+use shared::split::SplitRatios;
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "Predict which of two chatbot answers people prefer: prepare data, train, evaluate, predict.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load, split, truncate and tokenize a data file into a reusable cache.
+    Prepare(PrepareArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// Arena data: parquet or CSV, WSDM or LMSYS schema.
+    #[arg(long)]
+    data: PathBuf,
+    /// Schema of the data file.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    format: Format,
+    /// Output directory of the cache.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep this percent of each class before splitting.
+    #[arg(long, default_value_t = 100.0)]
+    sample_percent: f64,
+    /// Seed of the subsample and the split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Validation share of the split.
+    #[arg(long, default_value_t = 0.1)]
+    val_ratio: f64,
+    /// Test share of the split; train gets the rest.
+    #[arg(long, default_value_t = 0.2)]
+    test_ratio: f64,
+    /// Token budget of the prompt before smart truncation.
+    #[arg(long, default_value_t = 150)]
+    prompt_tokens: usize,
+    /// Token budget of each response before smart truncation.
+    #[arg(long, default_value_t = 350)]
+    response_tokens: usize,
+    /// Model input length, BOS and EOS included.
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
+    /// Keep ties as a third class (binary training drops them).
+    #[arg(long)]
+    keep_ties: bool,
+    /// A tokenizer.json; default: the Gemma tokenizer fetched by scripts/setup.sh.
+    #[arg(long, conflicts_with = "model")]
+    tokenizer: Option<PathBuf>,
+    /// A Hugging Face model directory whose tokenizer.json to use.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Rebuild the cache even when it is up to date.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse()
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Prepare(args) => run_prepare(args),
+    }
+}
+
+fn tokenizer_path(tokenizer: Option<PathBuf>, model: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(t) = tokenizer {
+        return Ok(t);
+    }
+    if let Some(m) = model {
+        return Ok(m.join("tokenizer.json"));
+    }
+    shared::tokenizer::default_tokenizer_path().with_context(|| {
+        format!(
+            "no tokenizer given and {} not found: run scripts/setup.sh, or pass --tokenizer FILE or --model DIR",
+            shared::tokenizer::DEFAULT_TOKENIZER
+        )
+    })
+}
+
+fn run_prepare(args: PrepareArgs) -> Result<()> {
+    let train = 1.0 - args.val_ratio - args.test_ratio;
+    if train <= 0.0 {
+        bail!("--val-ratio {} and --test-ratio {} leave no training rows", args.val_ratio, args.test_ratio);
+    }
+    let req = PrepareRequest {
+        data: args.data,
+        tokenizer: tokenizer_path(args.tokenizer, args.model)?,
+        out: args.out,
+        settings: PrepareSettings {
+            format: args.format,
+            sample_percent: args.sample_percent,
+            seed: args.seed,
+            ratios: SplitRatios { train, val: args.val_ratio, test: args.test_ratio },
+            preprocess: PreprocessConfig {
+                prompt_tokens: args.prompt_tokens,
+                response_tokens: args.response_tokens,
+                max_length: args.max_length,
+            },
+            keep_ties: args.keep_ties,
+        },
+        force: args.force,
+    };
+    let started = Instant::now();
+    let bar = Bar::default();
+    let prepared = prepare(&req, &bar)?;
+    let m = &prepared.manifest;
+    if prepared.reused {
+        println!("cache {} is up to date with {} (sha256 {}); nothing to do", req.out.display(), m.source.path, &m.source.sha256[..12]);
+    } else {
+        println!("prepared {} in {:.1}s with the {} tokenizer", m.source.path, started.elapsed().as_secs_f64(), m.tokenizer.engine);
+    }
+    print_summary(m);
+    println!("cache: {}", req.out.join(shared::cache::MANIFEST).display());
+    Ok(())
+}
+
+fn print_summary(m: &Manifest) {
+    let c = &m.counts;
+    println!(
+        "rows read: {}  ({:?} schema)   ties dropped: {}   rows kept after {}% sample: {}",
+        c.rows_read, m.source.format, c.ties_dropped, m.settings.sample_percent, c.rows_after_sample
+    );
+    println!("{:<6} {:>7} {:>16} {:>16} {:>12} {:>9} {:>9}", "split", "rows", "model_a", "model_b", "tie", "snipped", "cut@max");
+    for (name, s) in &c.splits {
+        let pct = |n: usize| if s.rows == 0 { 0.0 } else { 100.0 * n as f64 / s.rows as f64 };
+        println!(
+            "{:<6} {:>7} {:>8} ({:>5.1}%) {:>8} ({:>5.1}%) {:>4} ({:>4.1}%) {:>9} {:>9}",
+            name, s.rows, s.model_a, pct(s.model_a), s.model_b, pct(s.model_b), s.tie, pct(s.tie), s.snipped, s.cut_at_max_length
+        );
+    }
+}
+
+/// An indicatif bar behind the library's progress trait.
+#[derive(Default)]
+struct Bar(std::sync::Mutex<Option<ProgressBar>>);
+
+impl Progress for Bar {
+    fn start(&self, stage: &str, total: u64) {
+        let bar = if total == 0 {
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        } else {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template("{msg:>10} [{bar:36}] {pos}/{len} rows  {per_sec}  ETA {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            b
+        };
+        b_set(&bar, stage);
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(bar);
+        }
+    }
+    fn inc(&self, n: u64) {
+        if let Ok(slot) = self.0.lock() {
+            if let Some(b) = slot.as_ref() {
+                b.inc(n);
+            }
+        }
+    }
+    fn finish(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            if let Some(b) = slot.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+fn b_set(bar: &ProgressBar, stage: &str) {
+    bar.set_message(stage.to_string());
+}
