@@ -70,8 +70,36 @@ pub struct Example {
     pub cut: bool,
 }
 
-/// Truncates the three fields, fills the template and tokenizes it: BOS + text + EOS, with EOS kept when the text
-/// is cut (as a fast tokenizer with `add_eos_token` and `truncation=True, max_length` does).
+/// The three fields after smart truncation, in the template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Templated {
+    pub text: String,
+    /// Tokens of prompt, response A and response B before truncation.
+    pub field_tokens: [usize; 3],
+    /// Which of prompt, response A and response B were snipped.
+    pub snipped: [bool; 3],
+}
+
+/// Smart-truncates the three fields and fills the template.
+pub fn template(
+    tokenizer: &Tokenizer,
+    config: &PreprocessConfig,
+    prompt: &str,
+    response_a: &str,
+    response_b: &str,
+) -> Result<Templated, TokenizerError> {
+    let p = smart_truncate(tokenizer, prompt, config.prompt_tokens)?;
+    let a = smart_truncate(tokenizer, response_a, config.response_tokens)?;
+    let b = smart_truncate(tokenizer, response_b, config.response_tokens)?;
+    Ok(Templated {
+        text: input_text(&p.text, &a.text, &b.text),
+        field_tokens: [p.tokens, a.tokens, b.tokens],
+        snipped: [p.snipped, a.snipped, b.snipped],
+    })
+}
+
+/// [`template`], then BOS + text + EOS, with EOS kept when the text is cut (as a fast tokenizer with
+/// `add_eos_token` and `truncation=True, max_length` does).
 pub fn preprocess(
     tokenizer: &Tokenizer,
     config: &PreprocessConfig,
@@ -79,22 +107,14 @@ pub fn preprocess(
     response_a: &str,
     response_b: &str,
 ) -> Result<Example, TokenizerError> {
-    let p = smart_truncate(tokenizer, prompt, config.prompt_tokens)?;
-    let a = smart_truncate(tokenizer, response_a, config.response_tokens)?;
-    let b = smart_truncate(tokenizer, response_b, config.response_tokens)?;
-    let text = input_text(&p.text, &a.text, &b.text);
-    let body = tokenizer.encode(&text)?;
+    let t = template(tokenizer, config, prompt, response_a, response_b)?;
+    let body = tokenizer.encode(&t.text)?;
     let keep = body.len().min(config.max_length - 2);
     let mut input_ids = Vec::with_capacity(keep + 2);
     input_ids.push(tokenizer.bos_id);
     input_ids.extend_from_slice(&body[..keep]);
     input_ids.push(tokenizer.eos_id);
-    Ok(Example {
-        input_ids,
-        field_tokens: [p.tokens, a.tokens, b.tokens],
-        snipped: [p.snipped, a.snipped, b.snipped],
-        cut: keep < body.len(),
-    })
+    Ok(Example { input_ids, field_tokens: t.field_tokens, snipped: t.snipped, cut: keep < body.len() })
 }
 
 /// [`preprocess`] of a record; `swap` exchanges the two responses (for swap test-time augmentation).
