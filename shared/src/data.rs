@@ -496,12 +496,15 @@ fn join_turns(file: &str, at: &RowRef, column: &str, cell: Cell) -> Result<Strin
 fn parse_turns(raw: &str) -> Result<Vec<Option<String>>, String> {
     match serde_json::from_str::<Vec<Option<String>>>(raw) {
         Ok(turns) => Ok(turns),
-        // Some scraped Arena texts hold a lone UTF-16 surrogate escape (half an emoji). Python's json accepts it;
-        // serde_json refuses. Replace such halves with U+FFFD rather than losing the row.
-        Err(e) if e.to_string().contains("surrogate") => {
-            serde_json::from_str(&replace_lone_surrogates(raw)).map_err(|e| e.to_string())
+        Err(e) => {
+            // Some scraped Arena texts hold a lone UTF-16 surrogate escape (half an emoji). Python's json accepts
+            // it; serde_json refuses. Replace such halves with U+FFFD rather than losing the row.
+            let repaired = replace_lone_surrogates(raw);
+            if repaired == raw {
+                return Err(e.to_string());
+            }
+            serde_json::from_str(&repaired).map_err(|_| e.to_string())
         }
-        Err(e) => Err(e.to_string()),
     }
 }
 

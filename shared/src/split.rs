@@ -102,40 +102,69 @@ fn shuffled_by_class(labels: &[Label], rng: &mut SplitMix64) -> Vec<Vec<usize>> 
         .collect()
 }
 
-/// Keeps `percent`% of each class (rounded to nearest, at least one row of a non-empty class), seeded.
+/// Splits `total` slots among classes in proportion to `counts` (largest remainder, earlier class first on
+/// ties), never giving a class more than `caps[c]`.
+fn apportion(counts: &[usize], caps: &[usize], total: usize) -> Vec<usize> {
+    let n: usize = counts.iter().sum();
+    if n == 0 {
+        return vec![0; counts.len()];
+    }
+    let quotas: Vec<f64> = counts.iter().map(|&c| c as f64 * total as f64 / n as f64).collect();
+    let mut out: Vec<usize> = quotas.iter().zip(caps).map(|(q, &cap)| (q.floor() as usize).min(cap)).collect();
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by(|&x, &y| (quotas[y] - quotas[y].floor()).total_cmp(&(quotas[x] - quotas[x].floor())).then(x.cmp(&y)));
+    let mut left = total.saturating_sub(out.iter().sum());
+    while left > 0 {
+        let before = left;
+        for &c in &order {
+            if left > 0 && out[c] < caps[c] {
+                out[c] += 1;
+                left -= 1;
+            }
+        }
+        if left == before {
+            break;
+        }
+    }
+    out
+}
+
+/// Keeps `percent`% of the rows (rounded to nearest), each class in proportion, seeded.
 /// Returns ascending indices into `labels`.
 pub fn stratified_sample(labels: &[Label], percent: f64, seed: u64) -> Result<Vec<usize>, SplitError> {
     if !(percent > 0.0 && percent <= 100.0) {
         return Err(SplitError::BadPercent(percent));
     }
     let mut rng = SplitMix64::new(seed);
-    let mut kept = Vec::new();
-    for idx in shuffled_by_class(labels, &mut rng) {
-        if idx.is_empty() {
-            continue;
-        }
-        let n = ((idx.len() as f64 * percent / 100.0).round() as usize).clamp(1, idx.len());
-        kept.extend_from_slice(&idx[..n]);
-    }
+    let by_class = shuffled_by_class(labels, &mut rng);
+    let counts: Vec<usize> = by_class.iter().map(Vec::len).collect();
+    let total = ((labels.len() as f64 * percent / 100.0).round() as usize).clamp(1, labels.len().max(1));
+    let take = apportion(&counts, &counts, total);
+    let mut kept: Vec<usize> = by_class.iter().zip(&take).flat_map(|(idx, &k)| idx[..k].iter().copied()).collect();
     kept.sort_unstable();
     Ok(kept)
 }
 
-/// Stratified split: each class is shuffled and cut by the ratios, so every split keeps the class balance.
-/// The test split takes the remainder, so no row is lost to rounding.
+/// Stratified split: split sizes are the ratios of the whole (rounded), shared among classes in proportion, so
+/// every split keeps the class balance. Test takes the remainder, so no row is lost to rounding.
 pub fn stratified_split(labels: &[Label], ratios: SplitRatios, seed: u64) -> Result<Splits, SplitError> {
     ratios.validate()?;
     // A different stream from the subsample's, so sampling then splitting with one seed is not correlated.
     let mut rng = SplitMix64::new(seed ^ 0xA5A5_5A5A_C3C3_3C3C);
+    let by_class = shuffled_by_class(labels, &mut rng);
+    let counts: Vec<usize> = by_class.iter().map(Vec::len).collect();
+    let n = labels.len() as f64;
+    let n_train = ((n * ratios.train).round() as usize).min(labels.len());
+    let n_val = ((n * ratios.val).round() as usize).min(labels.len() - n_train);
+    let train = apportion(&counts, &counts, n_train);
+    let rest: Vec<usize> = counts.iter().zip(&train).map(|(c, t)| c - t).collect();
+    let val = apportion(&counts, &rest, n_val);
     let mut splits = Splits::default();
-    for idx in shuffled_by_class(labels, &mut rng) {
-        let n = idx.len() as f64;
-        let n_train = (n * ratios.train).round() as usize;
-        let n_val = ((n * ratios.val).round() as usize).min(idx.len() - n_train.min(idx.len()));
-        let n_train = n_train.min(idx.len());
-        splits.train.extend_from_slice(&idx[..n_train]);
-        splits.val.extend_from_slice(&idx[n_train..n_train + n_val]);
-        splits.test.extend_from_slice(&idx[n_train + n_val..]);
+    for (c, idx) in by_class.iter().enumerate() {
+        let (t, v) = (train[c], val[c]);
+        splits.train.extend_from_slice(&idx[..t]);
+        splits.val.extend_from_slice(&idx[t..t + v]);
+        splits.test.extend_from_slice(&idx[t + v..]);
     }
     for s in [&mut splits.train, &mut splits.val, &mut splits.test] {
         s.sort_unstable();
@@ -171,7 +200,9 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
         let a_in_train = s.train.iter().filter(|&&i| l[i] == Label::ModelA).count();
-        assert_eq!(a_in_train, (505.0f64 * 0.7).round() as usize);
+        assert!((a_in_train as f64 - 505.0 * 0.7).abs() <= 1.0, "{a_in_train}");
+        let a_in_val = s.val.iter().filter(|&&i| l[i] == Label::ModelA).count();
+        assert!((a_in_val as f64 - 505.0 * 0.1).abs() <= 1.0, "{a_in_val}");
         assert_eq!(s, stratified_split(&l, SplitRatios::default(), 42).unwrap());
         assert_ne!(s, stratified_split(&l, SplitRatios::default(), 43).unwrap());
     }
@@ -183,7 +214,15 @@ mod tests {
         let counts = crate::data::label_counts(kept.iter().map(|&i| &l[i]));
         assert_eq!(counts, [60, 40, 1]);
         assert!(stratified_sample(&l, 0.0, 7).is_err());
+        assert_eq!(stratified_sample(&l, 50.0, 7).unwrap().len(), 505);
         assert_eq!(stratified_sample(&l, 100.0, 7).unwrap().len(), l.len());
+    }
+
+    #[test]
+    fn apportion_is_exact_and_capped() {
+        assert_eq!(apportion(&[505, 495], &[505, 495], 700), vec![354, 346]);
+        assert_eq!(apportion(&[1, 1, 1], &[1, 1, 1], 2), vec![1, 1, 0]);
+        assert_eq!(apportion(&[10, 0], &[3, 0], 5), vec![3, 0]);
     }
 
     #[test]
