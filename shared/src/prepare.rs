@@ -55,6 +55,8 @@ pub struct PrepareRequest {
     pub settings: PrepareSettings,
     /// Rebuild even when the cache is up to date.
     pub force: bool,
+    /// Chunks each thread's tokenizer cache remembers (see [`Tokenizer::set_cache_capacity`]); speed only.
+    pub token_cache_chunks: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +94,8 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
     let file = req.data.display().to_string();
     progress.start("loading", 0);
     let Dataset { format, records } = load_file(&req.data, req.settings.format)?;
-    let tokenizer = Tokenizer::from_file(&req.tokenizer)?;
+    let mut tokenizer = Tokenizer::from_file(&req.tokenizer)?;
+    tokenizer.set_cache_capacity(req.token_cache_chunks);
     progress.finish();
 
     let rows_read = records.len();

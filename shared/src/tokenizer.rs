@@ -13,7 +13,7 @@
 use std::collections::BinaryHeap;
 use std::cmp::Reverse;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -105,6 +105,14 @@ impl Tokenizer {
         };
         let sha256 = hex(&Sha256::digest(bytes));
         Ok(Self { engine, bos_id, eos_id, pad_id, sha256 })
+    }
+
+    /// How many chunks (word-like pieces) each thread remembers the tokens of; 0 turns the cache off. It only
+    /// changes speed, never ids.
+    pub fn set_cache_capacity(&mut self, chunks: usize) {
+        if let Engine::Gemma(bpe) = &mut self.engine {
+            bpe.cache_capacity = chunks;
+        }
     }
 
     pub fn engine_name(&self) -> &'static str {
@@ -241,6 +249,14 @@ pub struct GemmaBpe {
     added_first_bytes: [bool; 256],
     /// Whether an id is a byte-fallback token, for decoding.
     is_byte: FxHashMap<u32, u8>,
+    /// Adjacent character pairs that occur inside some token (see [`GemmaBpe::segment`]), for pairs of ASCII
+    /// characters as a bit table (`▁` takes the slot of the space it replaces) and for the rest as a set.
+    joinable_ascii: [u128; 128],
+    joinable: FxHashSet<u64>,
+    /// Chunks remembered per thread; 0 turns the cache off.
+    cache_capacity: usize,
+    /// Tells this instance's entries in the per-thread cache from another instance's.
+    instance: u64,
 }
 
 impl GemmaBpe {
@@ -320,45 +336,134 @@ impl GemmaBpe {
         for (s, _) in &added {
             added_first_bytes[s.as_bytes()[0] as usize] = true;
         }
-        Some(Self { ascii, chars, bytes, merges, added, added_first_bytes, is_byte })
+        let mut joinable_ascii = [0u128; 128];
+        let mut joinable = FxHashSet::default();
+        for token in m.vocab.keys() {
+            let mut it = token.chars();
+            let Some(mut prev) = it.next() else { continue };
+            for c in it {
+                match (ascii_slot(prev), ascii_slot(c)) {
+                    (Some(a), Some(b)) => joinable_ascii[a] |= 1u128 << b,
+                    _ => {
+                        joinable.insert(pack(prev as u32, c as u32));
+                    }
+                }
+                prev = c;
+            }
+        }
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Self {
+            ascii,
+            chars,
+            bytes,
+            merges,
+            added,
+            added_first_bytes,
+            is_byte,
+            joinable_ascii,
+            joinable,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            instance,
+        })
     }
 
     /// Appends the tokens of `text` to `out` (ids, and offsets when `offsets` is set).
     pub fn encode_into(&self, text: &str, out: &mut Encoding, offsets: bool) {
-        let mut scratch = Scratch::default();
-        let mut start = 0;
-        // Added tokens are matched leftmost-longest on the raw text, like `tokenizers`' AddedVocabulary.
-        if !self.added.is_empty() {
-            let b = text.as_bytes();
-            let mut i = 0;
-            while i < b.len() {
-                if self.added_first_bytes[b[i] as usize] {
-                    if let Some((s, id)) = self.added.iter().find(|(s, _)| b[i..].starts_with(s.as_bytes())) {
-                        self.bpe(&text[start..i], start, out, offsets, &mut scratch);
-                        out.ids.push(*id);
-                        if offsets {
-                            out.offsets.push((i as u32, (i + s.len()) as u32));
-                        }
-                        i += s.len();
-                        start = i;
-                        continue;
-                    }
-                }
-                i += 1;
+        LOCAL.with_borrow_mut(|local| {
+            if local.instance != self.instance {
+                local.cache.clear();
+                local.instance = self.instance;
             }
-        }
-        self.bpe(&text[start..], start, out, offsets, &mut scratch);
+            let mut start = 0;
+            // Added tokens are matched leftmost-longest on the raw text, like `tokenizers`' AddedVocabulary.
+            if !self.added.is_empty() {
+                let b = text.as_bytes();
+                let mut i = 0;
+                while i < b.len() {
+                    if self.added_first_bytes[b[i] as usize] {
+                        if let Some((s, id)) = self.added.iter().find(|(s, _)| b[i..].starts_with(s.as_bytes())) {
+                            self.segment(&text[start..i], start, out, offsets, local);
+                            out.ids.push(*id);
+                            if offsets {
+                                out.offsets.push((i as u32, (i + s.len()) as u32));
+                            }
+                            i += s.len();
+                            start = i;
+                            continue;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+            self.segment(&text[start..], start, out, offsets, local);
+        });
     }
 
-    fn bpe(&self, word: &str, base: usize, out: &mut Encoding, offsets: bool, scratch: &mut Scratch) {
-        if word.is_empty() {
-            return;
+    /// Whether some token holds characters `a` and `b` side by side (after `' '` → `▁`).
+    #[inline]
+    fn joinable(&self, a: char, b: char) -> bool {
+        match (ascii_slot(a), ascii_slot(b)) {
+            (Some(x), Some(y)) => self.joinable_ascii[x] >> y & 1 == 1,
+            _ => self.joinable.contains(&pack(normalize(a) as u32, normalize(b) as u32)),
         }
+    }
+
+    /// Encodes a text free of added tokens.
+    ///
+    /// A merge joins two adjacent symbols into a token, so every token the merges build contains, side by side,
+    /// the two characters at the seam. Where two adjacent characters appear side by side in no token at all, no
+    /// merge can ever cross between them: the BPE of the text is the BPE of the pieces on either side, put
+    /// together. Gemma's 256k tokens hold only about 28k distinct adjacent pairs (no token has a `▁` after another
+    /// character, for one), so text falls into word-sized chunks. Each chunk's BPE is short, and repeated chunks
+    /// (words) come from a per-thread cache.
+    fn segment(&self, text: &str, base: usize, out: &mut Encoding, offsets: bool, local: &mut Local) {
+        let mut chunk_start = 0;
+        let mut prev: Option<char> = None;
+        for (i, c) in text.char_indices() {
+            if let Some(p) = prev {
+                if !self.joinable(p, c) {
+                    self.chunk(&text[chunk_start..i], base + chunk_start, out, offsets, local);
+                    chunk_start = i;
+                }
+            }
+            prev = Some(c);
+        }
+        if chunk_start < text.len() {
+            self.chunk(&text[chunk_start..], base + chunk_start, out, offsets, local);
+        }
+    }
+
+    fn chunk(&self, chunk: &str, base: usize, out: &mut Encoding, offsets: bool, local: &mut Local) {
+        let Local { cache, scratch, .. } = local;
+        let tokens: &[(u32, u32)] = match cache.get(chunk) {
+            Some(t) => t,
+            None => {
+                self.bpe(chunk, scratch);
+                if cache.len() < self.cache_capacity {
+                    cache.insert(chunk.into(), scratch.tokens.as_slice().into());
+                }
+                &scratch.tokens
+            }
+        };
+        let mut at = base as u32;
+        for &(id, len) in tokens {
+            out.ids.push(id);
+            if offsets {
+                out.offsets.push((at, at + len));
+            }
+            at += len;
+        }
+    }
+
+    /// BPE of one chunk into `scratch.tokens` as `(id, byte length in the input)`: lowest merge rank first,
+    /// leftmost on ties, exactly as `tokenizers`' `Word::merge_all`.
+    fn bpe(&self, word: &str, scratch: &mut Scratch) {
         let syms = &mut scratch.symbols;
         syms.clear();
         for (i, c) in word.char_indices() {
             let id = if c.is_ascii() { self.ascii[c as usize] } else { self.chars.get(&c).copied().unwrap_or(NONE) };
-            let start = (base + i) as u32;
+            let start = i as u32;
             if id != NONE {
                 syms.push(Symbol { id, start, end: start + c.len_utf8() as u32 });
             } else {
@@ -415,12 +520,8 @@ impl GemmaBpe {
                 }
             }
         }
-        for s in syms.iter().filter(|s| s.id != NONE) {
-            out.ids.push(s.id);
-            if offsets {
-                out.offsets.push((s.start, s.end));
-            }
-        }
+        scratch.tokens.clear();
+        scratch.tokens.extend(syms.iter().filter(|s| s.id != NONE).map(|s| (s.id, s.end - s.start)));
     }
 
     /// The text of tokens `range` of `enc` (which encodes `text`), as Hugging Face's `decode` gives it:
@@ -473,6 +574,35 @@ struct Scratch {
     symbols: Vec<Symbol>,
     links: Vec<std::ops::Range<u32>>,
     heap: BinaryHeap<Reverse<u64>>,
+    tokens: Vec<(u32, u32)>,
+}
+
+/// Chunks remembered per thread by default (a few MiB).
+pub const DEFAULT_CACHE_CAPACITY: usize = 1 << 17;
+
+/// Per-thread state of the engine: the chunk cache of one engine instance, and scratch buffers.
+#[derive(Default)]
+struct Local {
+    instance: u64,
+    cache: FxHashMap<Box<str>, Box<[(u32, u32)]>>,
+    scratch: Scratch,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Local> = std::cell::RefCell::new(Local::default());
+}
+
+/// `▁` for a space (the normaliser's job), the character itself otherwise.
+#[inline]
+fn normalize(c: char) -> char {
+    if c == ' ' { SPACE_MARK } else { c }
+}
+
+/// Slot in the ASCII pair table: the character for ASCII, and the space's slot for `▁` (a space never reaches the
+/// tokens as itself).
+#[inline]
+fn ascii_slot(c: char) -> Option<usize> {
+    if c == SPACE_MARK { Some(b' ' as usize) } else if c.is_ascii() { Some(c as usize) } else { None }
 }
 
 #[inline]
@@ -505,4 +635,67 @@ pub fn default_tokenizer_path() -> Option<std::path::PathBuf> {
         .chain(repo)
         .map(|d| d.join(DEFAULT_TOKENIZER))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy SentencePiece-style tokenizer whose merges do cross a `▁` (`a▁b`), with a byte-fallback-only
+    /// character and an added token.
+    fn toy() -> Vec<u8> {
+        let mut vocab: Vec<String> = vec!["<pad>".into(), "<eos>".into(), "<bos>".into(), "<unk>".into()];
+        vocab.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        for t in ["a", "b", "c", "\u{2581}", "a\u{2581}", "a\u{2581}b", "bc", "cc", "ccc", "\u{2581}\u{2581}", "\t", "é"] {
+            vocab.push(t.into());
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+        let json = serde_json::json!({
+            "added_tokens": [
+                {"id": 0, "content": "<pad>", "special": true, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false},
+                {"id": 1, "content": "<eos>", "special": true, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false},
+                {"id": 2, "content": "<bos>", "special": true, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false},
+                {"id": 3, "content": "<unk>", "special": true, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false},
+            ],
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                      "vocab": vocab,
+                      "merges": ["c c", "a \u{2581}", "a\u{2581} b", "b c", "cc c", "\u{2581} \u{2581}"]}
+        });
+        serde_json::to_vec(&json).unwrap()
+    }
+
+    #[test]
+    fn merges_across_a_space_mark_are_kept_and_match_tokenizers() {
+        let bytes = toy();
+        let fast = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::Fastest).unwrap();
+        let mut uncached = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::Fastest).unwrap();
+        uncached.set_cache_capacity(0);
+        let hf = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::HuggingFace).unwrap();
+        assert_eq!(fast.engine_name(), "gemma-bpe");
+        assert_eq!(hf.engine_name(), "huggingface-tokenizers");
+        for text in ["a b", "a bc", "ccccc b a b", "x a  b\té<eos>a b", "🙂a b", "ba b a", "  ", ""] {
+            let expected = hf.encode(text).unwrap();
+            assert_eq!(fast.encode(text).unwrap(), expected, "{text:?}");
+            assert_eq!(fast.encode(text).unwrap(), expected, "{text:?} (cached)");
+            assert_eq!(uncached.encode(text).unwrap(), expected, "{text:?} (no cache)");
+        }
+        // `a▁b` is one token: the chunking must not cut between `a` and `▁`.
+        assert_eq!(fast.encode("a b").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unsupported_shapes_fall_back_to_tokenizers() {
+        let mut json: serde_json::Value = serde_json::from_slice(&toy()).unwrap();
+        json["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+        let t = Tokenizer::from_json_bytes("toy", &serde_json::to_vec(&json).unwrap(), EnginePreference::Fastest).unwrap();
+        assert_eq!(t.engine_name(), "huggingface-tokenizers");
+    }
 }

@@ -106,6 +106,7 @@ fn zero_rows_after_dropping_ties() {
         out: d.join("out"),
         settings: PrepareSettings::default(),
         force: false,
+        token_cache_chunks: 0,
     };
     let err = prepare(&req, &Silent).expect_err("no rows left");
     let msg = err.to_string();
@@ -157,6 +158,7 @@ fn bad_tokenizer_file() {
         out: d.join("out"),
         settings: PrepareSettings::default(),
         force: false,
+        token_cache_chunks: 0,
     };
     let msg = prepare(&req, &Silent).expect_err("bad tokenizer").to_string();
     assert!(msg.contains("tokenizer.json"), "{msg}");

@@ -69,6 +69,9 @@ struct PrepareArgs {
     /// Rebuild the cache even when it is up to date.
     #[arg(long)]
     force: bool,
+    /// Word-like chunks whose tokens each thread remembers (0: no cache). Changes speed, never ids.
+    #[arg(long, default_value_t = shared::tokenizer::DEFAULT_CACHE_CAPACITY)]
+    token_cache_chunks: usize,
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -122,6 +125,7 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
             keep_ties: args.keep_ties,
         },
         force: args.force,
+        token_cache_chunks: args.token_cache_chunks,
     };
     let started = Instant::now();
     let bar = Bar::default();
@@ -173,7 +177,7 @@ impl Progress for Bar {
             );
             b
         };
-        b_set(&bar, stage);
+        bar.set_message(stage.to_string());
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(bar);
         }
@@ -192,8 +196,4 @@ impl Progress for Bar {
             }
         }
     }
-}
-
-fn b_set(bar: &ProgressBar, stage: &str) {
-    bar.set_message(stage.to_string());
 }
