@@ -12,4 +12,4 @@ cargo test --workspace --exclude web
 echo "== wasm32: build and check against the recipe fixture in Node"
 cargo build -p web --target wasm32-unknown-unknown --release
 wasm-bindgen --target nodejs --out-dir target/web-node target/wasm32-unknown-unknown/release/web.wasm
-node --test web/tests/
+node --test web/tests/*.mjs
