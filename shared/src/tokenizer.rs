@@ -475,6 +475,12 @@ impl GemmaBpe {
             }
         }
         let n = syms.len();
+        if n <= SMALL_CHUNK {
+            self.merge_small(syms, &mut scratch.ranks);
+            scratch.tokens.clear();
+            scratch.tokens.extend(syms.iter().map(|s| (s.id, s.end - s.start)));
+            return;
+        }
         // Doubly linked list over `syms`; a merged-away symbol gets `id = NONE`.
         let links = &mut scratch.links;
         links.clear();
@@ -522,6 +528,37 @@ impl GemmaBpe {
         }
         scratch.tokens.clear();
         scratch.tokens.extend(syms.iter().filter(|s| s.id != NONE).map(|s| (s.id, s.end - s.start)));
+    }
+
+    /// The merge loop for a short chunk, where a heap costs more than it saves: keep the merge of every adjacent
+    /// pair in an array and apply the leftmost lowest-ranked one until none is left. Same order as the heap.
+    fn merge_small(&self, syms: &mut Vec<Symbol>, ranks: &mut Vec<u64>) {
+        let merge_of = |a: &Symbol, b: &Symbol| self.merges.get(&pack(a.id, b.id)).copied().unwrap_or(u64::MAX);
+        ranks.clear();
+        ranks.extend(syms.windows(2).map(|w| merge_of(&w[0], &w[1])));
+        loop {
+            // `rank << 32 | id`: one rank is one pair, so equal values are the same merge and `<` keeps the leftmost.
+            let mut best = u64::MAX;
+            let mut at = usize::MAX;
+            for (i, &r) in ranks.iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = i;
+                }
+            }
+            if at == usize::MAX {
+                return;
+            }
+            syms[at] = Symbol { id: low(best), start: syms[at].start, end: syms[at + 1].end };
+            syms.remove(at + 1);
+            ranks.remove(at);
+            if at < ranks.len() {
+                ranks[at] = merge_of(&syms[at], &syms[at + 1]);
+            }
+            if at > 0 {
+                ranks[at - 1] = merge_of(&syms[at - 1], &syms[at]);
+            }
+        }
     }
 
     /// The text of tokens `range` of `enc` (which encodes `text`), as Hugging Face's `decode` gives it:
@@ -575,7 +612,11 @@ struct Scratch {
     links: Vec<std::ops::Range<u32>>,
     heap: BinaryHeap<Reverse<u64>>,
     tokens: Vec<(u32, u32)>,
+    ranks: Vec<u64>,
 }
+
+/// Chunks of at most this many symbols merge with [`GemmaBpe::merge_small`].
+const SMALL_CHUNK: usize = 48;
 
 /// Chunks remembered per thread by default (a few MiB).
 pub const DEFAULT_CACHE_CAPACITY: usize = 1 << 17;
