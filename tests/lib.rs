@@ -10,19 +10,27 @@ use shared::tokenizer::{EnginePreference, Tokenizer};
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 pub fn tokenizer_path() -> PathBuf {
     let p = root().join(shared::tokenizer::DEFAULT_TOKENIZER);
-    assert!(p.is_file(), "{} is missing: run scripts/setup.sh first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
     p
 }
 
 fn load(preference: EnginePreference) -> Tokenizer {
     let path = tokenizer_path();
     let bytes = std::fs::read(&path).expect("read tokenizer.json");
-    Tokenizer::from_json_bytes(&path.display().to_string(), &bytes, preference).expect("load tokenizer")
+    Tokenizer::from_json_bytes(&path.display().to_string(), &bytes, preference)
+        .expect("load tokenizer")
 }
 
 /// The Gemma tokenizer on our fast engine.
@@ -30,7 +38,11 @@ pub fn gemma() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| {
         let t = load(EnginePreference::Fastest);
-        assert_eq!(t.engine_name(), "gemma-bpe", "the Gemma tokenizer must take the fast engine");
+        assert_eq!(
+            t.engine_name(),
+            "gemma-bpe",
+            "the Gemma tokenizer must take the fast engine"
+        );
         t
     })
 }
@@ -85,7 +97,11 @@ pub fn recipe_fixture() -> &'static RecipeFixture {
 
 /// The fixture's short hash: sha256 of the UTF-8 text, first 16 hex digits.
 pub fn short_hash(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The fixture's hash of an id list: [`short_hash`] of the ids joined by commas.
@@ -120,20 +136,33 @@ pub fn write_parquet(path: &Path, columns: &[Column<'_>]) {
             Column::Int(name, _) => format!("REQUIRED INT64 {name};"),
         })
         .collect();
-    let schema = Arc::new(parse_message_type(&format!("message schema {{ {} }}", fields.join(" "))).expect("schema"));
+    let schema = Arc::new(
+        parse_message_type(&format!("message schema {{ {} }}", fields.join(" "))).expect("schema"),
+    );
     let file = std::fs::File::create(path).expect("create parquet");
     let mut writer = SerializedFileWriter::new(file, schema, Default::default()).expect("writer");
     let mut group = writer.next_row_group().expect("row group");
     for column in columns {
-        let mut col = group.next_column().expect("column").expect("a column per schema field");
+        let mut col = group
+            .next_column()
+            .expect("column")
+            .expect("a column per schema field");
         match column {
             Column::Text(_, values) => {
                 let defs: Vec<i16> = values.iter().map(|v| i16::from(v.is_some())).collect();
-                let data: Vec<ByteArray> = values.iter().flatten().map(|s| ByteArray::from(*s)).collect();
-                col.typed::<parquet::data_type::ByteArrayType>().write_batch(&data, Some(&defs), None).expect("write");
+                let data: Vec<ByteArray> = values
+                    .iter()
+                    .flatten()
+                    .map(|s| ByteArray::from(*s))
+                    .collect();
+                col.typed::<parquet::data_type::ByteArrayType>()
+                    .write_batch(&data, Some(&defs), None)
+                    .expect("write");
             }
             Column::Int(_, values) => {
-                col.typed::<parquet::data_type::Int64Type>().write_batch(values, None, None).expect("write");
+                col.typed::<parquet::data_type::Int64Type>()
+                    .write_batch(values, None, None)
+                    .expect("write");
             }
         }
         col.close().expect("close column");

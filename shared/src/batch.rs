@@ -25,19 +25,34 @@ pub fn collate(rows: &[&[u32]], pad_id: u32) -> Batch {
         attention_mask.extend(std::iter::repeat_n(1, row.len()));
         attention_mask.extend(std::iter::repeat_n(0, seq_len - row.len()));
     }
-    Batch { input_ids, attention_mask, lengths: rows.iter().map(|r| r.len()).collect(), batch_size: rows.len(), seq_len }
+    Batch {
+        input_ids,
+        attention_mask,
+        lengths: rows.iter().map(|r| r.len()).collect(),
+        batch_size: rows.len(),
+        seq_len,
+    }
 }
 
 /// Batches of row indices in order.
 pub fn sequential_batches(n: usize, batch_size: usize) -> Vec<Vec<usize>> {
-    (0..n).collect::<Vec<_>>().chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+    (0..n)
+        .collect::<Vec<_>>()
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
 }
 
 /// Length-grouped batches, as Hugging Face's `group_by_length`: a seeded permutation is cut into mega-batches of
 /// `mega * batch_size` rows, each sorted longest first and cut into batches, so a batch holds rows of similar length
 /// (little padding) while the order stays random. The batch holding the longest row goes first, so a run that
 /// would run out of memory does so at once.
-pub fn length_grouped_batches(lengths: &[usize], batch_size: usize, mega: usize, seed: u64) -> Vec<Vec<usize>> {
+pub fn length_grouped_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    mega: usize,
+    seed: u64,
+) -> Vec<Vec<usize>> {
     let batch_size = batch_size.max(1);
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     SplitMix64::new(seed).shuffle(&mut order);
@@ -49,7 +64,12 @@ pub fn length_grouped_batches(lengths: &[usize], batch_size: usize, mega: usize,
     let longest = batches
         .iter()
         .enumerate()
-        .max_by_key(|(k, b)| (b.iter().map(|&i| lengths[i]).max().unwrap_or(0), std::cmp::Reverse(*k)))
+        .max_by_key(|(k, b)| {
+            (
+                b.iter().map(|&i| lengths[i]).max().unwrap_or(0),
+                std::cmp::Reverse(*k),
+            )
+        })
         .map(|(k, _)| k);
     if let Some(k) = longest {
         batches.swap(0, k);
@@ -81,13 +101,20 @@ mod tests {
         assert!(batches[0].iter().any(|&i| lengths[i] == max));
         // Padding waste against random batches of the same size.
         let waste = |bs: &[Vec<usize>]| -> usize {
-            bs.iter().map(|b| {
-                let m = b.iter().map(|&i| lengths[i]).max().unwrap();
-                b.iter().map(|&i| m - lengths[i]).sum::<usize>()
-            }).sum()
+            bs.iter()
+                .map(|b| {
+                    let m = b.iter().map(|&i| lengths[i]).max().unwrap();
+                    b.iter().map(|&i| m - lengths[i]).sum::<usize>()
+                })
+                .sum()
         };
         let random = length_grouped_batches(&lengths, 8, 1, 3);
-        assert!(waste(&batches) * 5 < waste(&random), "{} vs {}", waste(&batches), waste(&random));
+        assert!(
+            waste(&batches) * 5 < waste(&random),
+            "{} vs {}",
+            waste(&batches),
+            waste(&random)
+        );
         assert_eq!(batches, length_grouped_batches(&lengths, 8, 50, 3));
     }
 }

@@ -34,7 +34,10 @@ pub enum CacheError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_path_buf(), source }
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Everything that decides a cache's content besides the two input files.
@@ -93,7 +96,11 @@ impl PreparedSplit {
     pub fn with_capacity(rows: usize) -> Self {
         let mut offsets = Vec::with_capacity(rows + 1);
         offsets.push(0);
-        Self { rows: Vec::with_capacity(rows), offsets, ids: Vec::new() }
+        Self {
+            rows: Vec::with_capacity(rows),
+            offsets,
+            ids: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, meta: RowMeta, input_ids: &[u32]) {
@@ -127,8 +134,13 @@ impl PreparedSplit {
     }
 
     pub fn write(&self, path: &Path) -> Result<FileEntry, CacheError> {
-        let meta = serde_json::to_vec(&self.rows).map_err(|e| CacheError::Corrupt { path: path.into(), message: e.to_string() })?;
-        let mut buf = Vec::with_capacity(8 + 8 + meta.len() + 8 + self.offsets.len() * 8 + self.ids.len() * 4);
+        let meta = serde_json::to_vec(&self.rows).map_err(|e| CacheError::Corrupt {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let mut buf = Vec::with_capacity(
+            8 + 8 + meta.len() + 8 + self.offsets.len() * 8 + self.ids.len() * 4,
+        );
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&(meta.len() as u64).to_le_bytes());
         buf.extend_from_slice(&meta);
@@ -141,7 +153,10 @@ impl PreparedSplit {
         }
         write_atomic(path, &buf)?;
         Ok(FileEntry {
-            file: path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            file: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             bytes: buf.len() as u64,
             sha256: hex(&Sha256::digest(&buf)),
         })
@@ -149,28 +164,42 @@ impl PreparedSplit {
 
     pub fn read(path: &Path) -> Result<Self, CacheError> {
         let buf = std::fs::read(path).map_err(io(path))?;
-        let corrupt = |message: &str| CacheError::Corrupt { path: path.into(), message: message.into() };
+        let corrupt = |message: &str| CacheError::Corrupt {
+            path: path.into(),
+            message: message.into(),
+        };
         let mut r = Reader { buf: &buf, pos: 0 };
         if r.take(8).ok_or_else(|| corrupt("too short"))? != MAGIC {
             return Err(corrupt("wrong magic bytes"));
         }
         let meta_len = r.u64().ok_or_else(|| corrupt("truncated header"))? as usize;
-        let meta = r.take(meta_len).ok_or_else(|| corrupt("truncated row metadata"))?;
-        let rows: Vec<RowMeta> = serde_json::from_slice(meta).map_err(|e| corrupt(&e.to_string()))?;
+        let meta = r
+            .take(meta_len)
+            .ok_or_else(|| corrupt("truncated row metadata"))?;
+        let rows: Vec<RowMeta> =
+            serde_json::from_slice(meta).map_err(|e| corrupt(&e.to_string()))?;
         let n = r.u64().ok_or_else(|| corrupt("truncated row count"))? as usize;
         if n != rows.len() {
             return Err(corrupt("row count does not match the metadata"));
         }
-        let offsets: Vec<u64> = (0..=n).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| corrupt("truncated offsets"))?;
+        let offsets: Vec<u64> = (0..=n)
+            .map(|_| r.u64())
+            .collect::<Option<_>>()
+            .ok_or_else(|| corrupt("truncated offsets"))?;
         let total = *offsets.last().unwrap_or(&0) as usize;
         if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1]) {
             return Err(corrupt("offsets are not increasing"));
         }
-        let raw = r.take(total * 4).ok_or_else(|| corrupt("truncated token ids"))?;
+        let raw = r
+            .take(total * 4)
+            .ok_or_else(|| corrupt("truncated token ids"))?;
         if r.pos != buf.len() {
             return Err(corrupt("trailing bytes"));
         }
-        let ids = raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let ids = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         Ok(Self { rows, offsets, ids })
     }
 }
@@ -188,7 +217,8 @@ impl<'a> Reader<'a> {
         Some(s)
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     }
 }
 
@@ -252,7 +282,11 @@ pub struct Manifest {
 }
 
 /// The cache key for these inputs.
-pub fn cache_key(source_sha256: &str, tokenizer_sha256: &str, settings: &PrepareSettings) -> String {
+pub fn cache_key(
+    source_sha256: &str,
+    tokenizer_sha256: &str,
+    settings: &PrepareSettings,
+) -> String {
     let mut h = Sha256::new();
     h.update(CACHE_VERSION.to_le_bytes());
     h.update(source_sha256.as_bytes());
@@ -265,31 +299,46 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self, CacheError> {
         let path = dir.join(MANIFEST);
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| CacheError::Corrupt { path, message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| CacheError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
     }
 
     pub fn write(&self, dir: &Path) -> Result<(), CacheError> {
         let path = dir.join(MANIFEST);
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| CacheError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| CacheError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         write_atomic(&path, &bytes)
     }
 
     /// Whether every file the manifest lists is present with its recorded size.
     pub fn files_present(&self, dir: &Path) -> bool {
-        self.files.iter().all(|f| std::fs::metadata(dir.join(&f.file)).is_ok_and(|m| m.len() == f.bytes))
+        self.files
+            .iter()
+            .all(|f| std::fs::metadata(dir.join(&f.file)).is_ok_and(|m| m.len() == f.bytes))
     }
 
     /// Reads one split (`train`, `val` or `test`), checking its hash against the manifest.
     pub fn load_split(&self, dir: &Path, split: &str) -> Result<PreparedSplit, CacheError> {
         let name = format!("{split}.bin");
         let path = dir.join(&name);
-        let entry = self.files.iter().find(|f| f.file == name).ok_or_else(|| CacheError::Corrupt {
-            path: dir.join(MANIFEST),
-            message: format!("no split {split:?} in the manifest"),
-        })?;
+        let entry =
+            self.files
+                .iter()
+                .find(|f| f.file == name)
+                .ok_or_else(|| CacheError::Corrupt {
+                    path: dir.join(MANIFEST),
+                    message: format!("no split {split:?} in the manifest"),
+                })?;
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         if hex(&Sha256::digest(&bytes)) != entry.sha256 {
-            return Err(CacheError::Corrupt { path, message: "content does not match the manifest's sha256".into() });
+            return Err(CacheError::Corrupt {
+                path,
+                message: "content does not match the manifest's sha256".into(),
+            });
         }
         PreparedSplit::read(&path)
     }
@@ -298,11 +347,16 @@ impl Manifest {
 /// Writes `bytes` to `path` through a temporary file in the same directory, flushed before the rename, so readers
 /// see the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| {
@@ -340,7 +394,16 @@ mod tests {
     use super::*;
 
     fn meta(id: &str) -> RowMeta {
-        RowMeta { id: id.into(), label: Label::ModelB, language: None, model_a: None, model_b: None, field_tokens: [1, 2, 3], snipped: [false; 3], cut: false }
+        RowMeta {
+            id: id.into(),
+            label: Label::ModelB,
+            language: None,
+            model_a: None,
+            model_b: None,
+            field_tokens: [1, 2, 3],
+            snipped: [false; 3],
+            cut: false,
+        }
     }
 
     #[test]
@@ -358,7 +421,10 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let err = PreparedSplit::read(&path).unwrap_err().to_string();
-        assert!(err.contains("train.bin") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("train.bin") && err.contains("truncated"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -89,7 +89,9 @@ impl std::str::FromStr for Format {
             "auto" => Ok(Format::Auto),
             "wsdm" => Ok(Format::Wsdm),
             "lmsys" => Ok(Format::Lmsys),
-            other => Err(format!("unknown format {other:?}; expected auto, wsdm or lmsys")),
+            other => Err(format!(
+                "unknown format {other:?}; expected auto, wsdm or lmsys"
+            )),
         }
     }
 }
@@ -134,17 +136,43 @@ pub enum DataError {
         source: csv::Error,
     },
     #[error("{file}: missing column {column:?} (columns found: {found})")]
-    MissingColumn { file: String, column: String, found: String },
-    #[error("{file}: cannot tell the schema: expected a `winner` column (WSDM) or `winner_model_a`, `winner_model_b`, `winner_tie` (LMSYS); columns found: {found}")]
+    MissingColumn {
+        file: String,
+        column: String,
+        found: String,
+    },
+    #[error(
+        "{file}: cannot tell the schema: expected a `winner` column (WSDM) or `winner_model_a`, `winner_model_b`, `winner_tie` (LMSYS); columns found: {found}"
+    )]
     UnknownSchema { file: String, found: String },
     #[error("{file}: column {column:?} has type {found}, expected {expected}")]
-    ColumnType { file: String, column: String, expected: &'static str, found: String },
+    ColumnType {
+        file: String,
+        column: String,
+        expected: &'static str,
+        found: String,
+    },
     #[error("{file}: {at}, column {column:?}: {message}")]
-    BadValue { file: String, at: RowRef, column: String, message: String },
+    BadValue {
+        file: String,
+        at: RowRef,
+        column: String,
+        message: String,
+    },
     #[error("{file}: {at}, column {column:?}: not a JSON list of turns: {message}")]
-    BadTurns { file: String, at: RowRef, column: String, message: String },
+    BadTurns {
+        file: String,
+        at: RowRef,
+        column: String,
+        message: String,
+    },
     #[error("{file}: {at}: unknown winner {value}; expected {expected}")]
-    UnknownWinner { file: String, at: RowRef, value: String, expected: &'static str },
+    UnknownWinner {
+        file: String,
+        at: RowRef,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{file}: no rows left {reason}")]
     NoRows { file: String, reason: String },
 }
@@ -172,7 +200,10 @@ impl Cell {
 #[cfg(feature = "native")]
 pub fn load_file(path: &std::path::Path, format: Format) -> Result<Dataset, DataError> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { file: file.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        file: file.clone(),
+        source,
+    })?;
     load_bytes(&file, Bytes::from(bytes), format)
 }
 
@@ -180,10 +211,17 @@ pub fn load_file(path: &std::path::Path, format: Format) -> Result<Dataset, Data
 /// container when the content is ambiguous.
 pub fn load_bytes(name: &str, bytes: Bytes, format: Format) -> Result<Dataset, DataError> {
     let is_parquet = bytes.starts_with(b"PAR1") || name.to_ascii_lowercase().ends_with(".parquet");
-    let table = if is_parquet { read_parquet(name, bytes)? } else { read_csv(name, &bytes)? };
+    let table = if is_parquet {
+        read_parquet(name, bytes)?
+    } else {
+        read_csv(name, &bytes)?
+    };
     let dataset = table.into_dataset(name, format)?;
     if dataset.records.is_empty() {
-        return Err(DataError::NoRows { file: name.into(), reason: "after reading: the file has no data rows".into() });
+        return Err(DataError::NoRows {
+            file: name.into(),
+            reason: "after reading: the file has no data rows".into(),
+        });
     }
     Ok(dataset)
 }
@@ -203,15 +241,27 @@ struct Table {
 }
 
 fn read_csv(file: &str, bytes: &[u8]) -> Result<Table, DataError> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(bytes);
     let csv_err = |source: csv::Error| {
         let at = match source.position() {
             Some(p) => format!("line {}", p.line()),
             None => "header".into(),
         };
-        DataError::Csv { file: file.into(), at, source }
+        DataError::Csv {
+            file: file.into(),
+            at,
+            source,
+        }
     };
-    let columns: Vec<String> = reader.headers().map_err(csv_err)?.iter().map(|h| h.trim().to_string()).collect();
+    let columns: Vec<String> = reader
+        .headers()
+        .map_err(csv_err)?
+        .iter()
+        .map(|h| h.trim().to_string())
+        .collect();
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(csv_err)?;
@@ -233,7 +283,10 @@ fn parquet_kind(descr: &parquet::schema::types::ColumnDescriptor) -> &'static st
 }
 
 fn read_parquet(file: &str, bytes: Bytes) -> Result<Table, DataError> {
-    let pq_err = |source| DataError::Parquet { file: file.into(), source };
+    let pq_err = |source| DataError::Parquet {
+        file: file.into(),
+        source,
+    };
     let reader = SerializedFileReader::new(bytes).map_err(pq_err)?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     let mut columns = Vec::new();
@@ -257,7 +310,10 @@ fn read_parquet(file: &str, bytes: Bytes) -> Result<Table, DataError> {
                     Err(e) => {
                         return Err(DataError::BadValue {
                             file: file.into(),
-                            at: RowRef { row: i + 1, id: None },
+                            at: RowRef {
+                                row: i + 1,
+                                id: None,
+                            },
                             column: name.clone(),
                             message: format!("not UTF-8 text: {e}"),
                         });
@@ -292,11 +348,14 @@ impl Table {
     }
 
     fn position(&self, file: &str, column: &str) -> Result<usize, DataError> {
-        self.columns.iter().position(|c| c == column).ok_or_else(|| DataError::MissingColumn {
-            file: file.into(),
-            column: column.into(),
-            found: self.found(),
-        })
+        self.columns
+            .iter()
+            .position(|c| c == column)
+            .ok_or_else(|| DataError::MissingColumn {
+                file: file.into(),
+                column: column.into(),
+                found: self.found(),
+            })
     }
 
     fn optional(&self, column: &str) -> Option<usize> {
@@ -306,9 +365,11 @@ impl Table {
     /// Parquet carries types, so a wrong one is caught before any row: texts must be strings (or all null),
     /// ids strings or integers, LMSYS one-hot winners integers.
     fn check_parquet_types(&self, file: &str, kinds: &[&'static str]) -> Result<(), DataError> {
-        let expect = |column: &str, allowed: &[&str], expected: &'static str| -> Result<(), DataError> {
-            if let Some(i) = self.optional(column) {
-                if !allowed.contains(&kinds[i]) {
+        let expect =
+            |column: &str, allowed: &[&str], expected: &'static str| -> Result<(), DataError> {
+                if let Some(i) = self.optional(column)
+                    && !allowed.contains(&kinds[i])
+                {
                     return Err(DataError::ColumnType {
                         file: file.into(),
                         column: column.into(),
@@ -316,10 +377,12 @@ impl Table {
                         found: kinds[i].into(),
                     });
                 }
-            }
-            Ok(())
-        };
-        for column in TEXT_COLUMNS.iter().chain(&["winner", "model_a", "model_b", "language"]) {
+                Ok(())
+            };
+        for column in TEXT_COLUMNS
+            .iter()
+            .chain(&["winner", "model_a", "model_b", "language"])
+        {
             expect(column, &["string", "null"], "string")?;
         }
         expect("id", &["string", "integer"], "string or integer")?;
@@ -333,7 +396,12 @@ impl Table {
         let format = match format {
             Format::Auto if self.optional("winner").is_some() => Format::Wsdm,
             Format::Auto if self.optional("winner_model_a").is_some() => Format::Lmsys,
-            Format::Auto => return Err(DataError::UnknownSchema { file: file.into(), found: self.found() }),
+            Format::Auto => {
+                return Err(DataError::UnknownSchema {
+                    file: file.into(),
+                    found: self.found(),
+                });
+            }
             f => f,
         };
         let id = self.position(file, "id")?;
@@ -350,13 +418,19 @@ impl Table {
             ]),
             _ => Winner::Column(self.position(file, "winner")?),
         };
-        let (model_a, model_b, language) =
-            (self.optional("model_a"), self.optional("model_b"), self.optional("language"));
+        let (model_a, model_b, language) = (
+            self.optional("model_a"),
+            self.optional("model_b"),
+            self.optional("language"),
+        );
 
         let mut records = Vec::with_capacity(self.rows.len());
         for (i, row) in self.rows.into_iter().enumerate() {
             let mut row: Vec<Option<Cell>> = row.into_iter().map(Some).collect();
-            let mut at = RowRef { row: i + 1, id: None };
+            let mut at = RowRef {
+                row: i + 1,
+                id: None,
+            };
             let id = match row[id].take() {
                 Some(Cell::Text(s)) if !s.trim().is_empty() => s,
                 Some(Cell::Int(v)) => v.to_string(),
@@ -410,14 +484,13 @@ impl Winner {
         match *self {
             Winner::Column(c) => {
                 let cell = row[c].take().unwrap_or(Cell::Null);
-                match &cell {
-                    Cell::Text(s) => match s.trim() {
+                if let Cell::Text(s) = &cell {
+                    match s.trim() {
                         "model_a" => return Ok(Label::ModelA),
                         "model_b" => return Ok(Label::ModelB),
                         "tie" | "tie (bothbad)" => return Ok(Label::Tie),
                         _ => {}
-                    },
-                    _ => {}
+                    }
                 }
                 Err(DataError::UnknownWinner {
                     file: file.into(),
@@ -435,12 +508,15 @@ impl Winner {
                         Cell::Int(1) => true,
                         Cell::Int(0) => false,
                         Cell::Text(s) if matches!(s.trim(), "1" | "1.0" | "True" | "true") => true,
-                        Cell::Text(s) if matches!(s.trim(), "0" | "0.0" | "False" | "false") => false,
+                        Cell::Text(s) if matches!(s.trim(), "0" | "0.0" | "False" | "false") => {
+                            false
+                        }
                         _ => {
                             return Err(DataError::BadValue {
                                 file: file.into(),
                                 at: at.clone(),
-                                column: ["winner_model_a", "winner_model_b", "winner_tie"][k].into(),
+                                column: ["winner_model_a", "winner_model_b", "winner_tie"][k]
+                                    .into(),
                                 message: format!("expected 0 or 1, found {}", cell.describe()),
                             });
                         }
@@ -464,7 +540,12 @@ impl Winner {
 }
 
 fn bad(file: &str, at: &RowRef, column: &str, message: &str) -> DataError {
-    DataError::BadValue { file: file.into(), at: at.clone(), column: column.into(), message: message.into() }
+    DataError::BadValue {
+        file: file.into(),
+        at: at.clone(),
+        column: column.into(),
+        message: message.into(),
+    }
 }
 
 /// Separator between the turns of a multi-turn conversation.
@@ -490,7 +571,11 @@ fn join_turns(file: &str, at: &RowRef, column: &str, cell: Cell) -> Result<Strin
         column: column.into(),
         message,
     })?;
-    Ok(turns.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>().join(TURN_SEPARATOR))
+    Ok(turns
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect::<Vec<_>>()
+        .join(TURN_SEPARATOR))
 }
 
 fn parse_turns(raw: &str) -> Result<Vec<Option<String>>, String> {
@@ -512,7 +597,9 @@ fn parse_turns(raw: &str) -> Result<Vec<Option<String>>, String> {
 fn replace_lone_surrogates(raw: &str) -> String {
     fn escape_at(b: &[u8], i: usize) -> Option<u16> {
         if b.len() >= i + 6 && b[i] == b'\\' && b[i + 1] == b'u' {
-            std::str::from_utf8(&b[i + 2..i + 6]).ok().and_then(|h| u16::from_str_radix(h, 16).ok())
+            std::str::from_utf8(&b[i + 2..i + 6])
+                .ok()
+                .and_then(|h| u16::from_str_radix(h, 16).ok())
         } else {
             None
         }
@@ -605,6 +692,11 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("t.csv") && msg.contains("row 1 (id 5)") && msg.contains("a=1, b=1, tie=0"), "{msg}");
+        assert!(
+            msg.contains("t.csv")
+                && msg.contains("row 1 (id 5)")
+                && msg.contains("a=1, b=1, tie=0"),
+            "{msg}"
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 
 use crate::cache::{
-    CacheError, Counts, FileEntry, Manifest, PrepareSettings, PreparedSplit, RowMeta, SourceInfo, SplitCounts,
-    TokenizerInfo, cache_key, sha256_file,
+    CacheError, Counts, FileEntry, Manifest, PrepareSettings, PreparedSplit, RowMeta, SourceInfo,
+    SplitCounts, TokenizerInfo, cache_key, sha256_file,
 };
 use crate::data::{DataError, Dataset, Label, Record, load_file};
 use crate::preprocess::{ConfigError, Example, preprocess_record};
@@ -72,7 +72,10 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
     req.settings.preprocess.validate()?;
     req.settings.ratios.validate()?;
     let (source_sha, source_bytes) = sha256_file(&req.data).map_err(|e| match e {
-        CacheError::Io { source, .. } => PrepareError::Data(DataError::Io { file: req.data.display().to_string(), source }),
+        CacheError::Io { source, .. } => PrepareError::Data(DataError::Io {
+            file: req.data.display().to_string(),
+            source,
+        }),
         other => other.into(),
     })?;
     let (tok_sha, _) = sha256_file(&req.tokenizer).map_err(|e| match e {
@@ -83,29 +86,42 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         other => other.into(),
     })?;
     let key = cache_key(&source_sha, &tok_sha, &req.settings);
-    if !req.force {
-        if let Ok(manifest) = Manifest::read(&req.out) {
-            if manifest.key == key && manifest.files_present(&req.out) {
-                return Ok(Prepared { manifest, reused: true });
-            }
-        }
+    if !req.force
+        && let Ok(manifest) = Manifest::read(&req.out)
+        && manifest.key == key
+        && manifest.files_present(&req.out)
+    {
+        return Ok(Prepared {
+            manifest,
+            reused: true,
+        });
     }
 
     let file = req.data.display().to_string();
     progress.start("loading", 0);
     let clock = std::time::Instant::now();
     // Parsing the 17 MB tokenizer.json and decoding the data file are independent; do them side by side.
-    let (dataset, tokenizer) =
-        rayon::join(|| load_file(&req.data, req.settings.format), || Tokenizer::from_file(&req.tokenizer));
+    let (dataset, tokenizer) = rayon::join(
+        || load_file(&req.data, req.settings.format),
+        || Tokenizer::from_file(&req.tokenizer),
+    );
     let (Dataset { format, records }, mut tokenizer) = (dataset?, tokenizer?);
     tokenizer.set_cache_capacity(req.token_cache_chunks);
     progress.finish();
-    tracing::info!(rows = records.len(), seconds = clock.elapsed().as_secs_f64(), "loaded data and tokenizer");
+    tracing::info!(
+        rows = records.len(),
+        seconds = clock.elapsed().as_secs_f64(),
+        "loaded data and tokenizer"
+    );
 
     let rows_read = records.len();
     let (records, ties_dropped) = drop_ties(records, req.settings.keep_ties);
     if records.is_empty() {
-        return Err(DataError::NoRows { file, reason: format!("after dropping {ties_dropped} ties") }.into());
+        return Err(DataError::NoRows {
+            file,
+            reason: format!("after dropping {ties_dropped} ties"),
+        }
+        .into());
     }
     let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
     let kept = if req.settings.sample_percent < 100.0 {
@@ -117,20 +133,32 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
     let splits = stratified_split(&kept_labels, req.settings.ratios, req.settings.seed)?;
 
     progress.start("tokenizing", kept.len() as u64);
-    let examples: Vec<Example> = kept
-        .par_iter()
-        .map(|&i| {
-            let r = &records[i];
-            let out = preprocess_record(&tokenizer, &req.settings.preprocess, r, false)
-                .map_err(|source| PrepareError::Row { file: file.clone(), row: i + 1, id: r.id.clone(), source });
-            progress.inc(1);
-            out
-        })
-        .collect::<Result<_, _>>()?;
+    let examples: Vec<Example> =
+        kept.par_iter()
+            .map(|&i| {
+                let r = &records[i];
+                let out = preprocess_record(&tokenizer, &req.settings.preprocess, r, false)
+                    .map_err(|source| PrepareError::Row {
+                        file: file.clone(),
+                        row: i + 1,
+                        id: r.id.clone(),
+                        source,
+                    });
+                progress.inc(1);
+                out
+            })
+            .collect::<Result<_, _>>()?;
     progress.finish();
-    tracing::info!(rows = examples.len(), seconds = clock.elapsed().as_secs_f64(), "tokenized");
+    tracing::info!(
+        rows = examples.len(),
+        seconds = clock.elapsed().as_secs_f64(),
+        "tokenized"
+    );
 
-    std::fs::create_dir_all(&req.out).map_err(|source| CacheError::Io { path: req.out.clone(), source })?;
+    std::fs::create_dir_all(&req.out).map_err(|source| CacheError::Io {
+        path: req.out.clone(),
+        source,
+    })?;
     let mut files: Vec<FileEntry> = Vec::new();
     let mut split_counts = Vec::new();
     for (name, idx) in splits.named() {
@@ -149,7 +177,11 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
                 tie: t,
                 tokens: split.total_tokens(),
                 cut_at_max_length: split.rows.iter().filter(|r| r.cut).count(),
-                snipped: split.rows.iter().filter(|r| r.snipped.iter().any(|&s| s)).count(),
+                snipped: split
+                    .rows
+                    .iter()
+                    .filter(|r| r.snipped.iter().any(|&s| s))
+                    .count(),
             },
         ));
         files.push(split.write(&req.out.join(format!("{name}.bin")))?);
@@ -157,14 +189,24 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
     let manifest = Manifest {
         version: crate::cache::CACHE_VERSION,
         key,
-        source: SourceInfo { path: file, sha256: source_sha, bytes: source_bytes, format },
+        source: SourceInfo {
+            path: file,
+            sha256: source_sha,
+            bytes: source_bytes,
+            format,
+        },
         tokenizer: TokenizerInfo {
             path: req.tokenizer.display().to_string(),
             sha256: tok_sha,
             engine: tokenizer.engine_name().into(),
         },
         settings: req.settings.clone(),
-        counts: Counts { rows_read, ties_dropped, rows_after_sample: kept.len(), splits: split_counts },
+        counts: Counts {
+            rows_read,
+            ties_dropped,
+            rows_after_sample: kept.len(),
+            splits: split_counts,
+        },
         files,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -173,7 +215,10 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
     };
     manifest.write(&req.out)?;
     tracing::info!(seconds = clock.elapsed().as_secs_f64(), "cache written");
-    Ok(Prepared { manifest, reused: false })
+    Ok(Prepared {
+        manifest,
+        reused: false,
+    })
 }
 
 /// Removes ties unless they are kept as a class; returns the rows and how many were dropped.
@@ -182,7 +227,10 @@ pub fn drop_ties(records: Vec<Record>, keep_ties: bool) -> (Vec<Record>, usize) 
         return (records, 0);
     }
     let before = records.len();
-    let kept: Vec<Record> = records.into_iter().filter(|r| r.label != Label::Tie).collect();
+    let kept: Vec<Record> = records
+        .into_iter()
+        .filter(|r| r.label != Label::Tie)
+        .collect();
     let dropped = before - kept.len();
     (kept, dropped)
 }

@@ -19,7 +19,11 @@ pub struct PreprocessConfig {
 
 impl Default for PreprocessConfig {
     fn default() -> Self {
-        Self { prompt_tokens: 150, response_tokens: 350, max_length: 512 }
+        Self {
+            prompt_tokens: 150,
+            response_tokens: 350,
+            max_length: 512,
+        }
     }
 }
 
@@ -33,13 +37,24 @@ pub struct ConfigError {
 
 impl PreprocessConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, value) in [("prompt_tokens", self.prompt_tokens), ("response_tokens", self.response_tokens)] {
+        for (field, value) in [
+            ("prompt_tokens", self.prompt_tokens),
+            ("response_tokens", self.response_tokens),
+        ] {
             if value < MIN_BUDGET {
-                return Err(ConfigError { field, value, reason: "a truncation budget must be at least 4 tokens" });
+                return Err(ConfigError {
+                    field,
+                    value,
+                    reason: "a truncation budget must be at least 4 tokens",
+                });
             }
         }
         if self.max_length < 3 {
-            return Err(ConfigError { field: "max_length", value: self.max_length, reason: "must leave room for BOS, EOS and one token" });
+            return Err(ConfigError {
+                field: "max_length",
+                value: self.max_length,
+                reason: "must leave room for BOS, EOS and one token",
+            });
         }
         Ok(())
     }
@@ -114,7 +129,12 @@ pub fn preprocess(
     input_ids.push(tokenizer.bos_id);
     input_ids.extend_from_slice(&body[..keep]);
     input_ids.push(tokenizer.eos_id);
-    Ok(Example { input_ids, field_tokens: t.field_tokens, snipped: t.snipped, cut: keep < body.len() })
+    Ok(Example {
+        input_ids,
+        field_tokens: t.field_tokens,
+        snipped: t.snipped,
+        cut: keep < body.len(),
+    })
 }
 
 /// [`preprocess`] of a record; `swap` exchanges the two responses (for swap test-time augmentation).
@@ -124,6 +144,10 @@ pub fn preprocess_record(
     record: &Record,
     swap: bool,
 ) -> Result<Example, TokenizerError> {
-    let (a, b) = if swap { (&record.response_b, &record.response_a) } else { (&record.response_a, &record.response_b) };
+    let (a, b) = if swap {
+        (&record.response_b, &record.response_a)
+    } else {
+        (&record.response_a, &record.response_b)
+    };
     preprocess(tokenizer, config, &record.prompt, a, b)
 }

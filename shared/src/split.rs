@@ -56,13 +56,19 @@ pub struct SplitRatios {
 impl Default for SplitRatios {
     /// The recipe's 70/10/20.
     fn default() -> Self {
-        Self { train: 0.7, val: 0.1, test: 0.2 }
+        Self {
+            train: 0.7,
+            val: 0.1,
+            test: 0.2,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SplitError {
-    #[error("split ratios must be non-negative and sum to 1 (got train {train}, val {val}, test {test})")]
+    #[error(
+        "split ratios must be non-negative and sum to 1 (got train {train}, val {val}, test {test})"
+    )]
     BadRatios { train: f64, val: f64, test: f64 },
     #[error("sample percent must be in (0, 100] (got {0})")]
     BadPercent(f64),
@@ -71,8 +77,15 @@ pub enum SplitError {
 impl SplitRatios {
     pub fn validate(&self) -> Result<(), SplitError> {
         let Self { train, val, test } = *self;
-        let ok = [train, val, test].iter().all(|r| r.is_finite() && *r >= 0.0) && (train + val + test - 1.0).abs() < 1e-6;
-        if ok { Ok(()) } else { Err(SplitError::BadRatios { train, val, test }) }
+        let ok = [train, val, test]
+            .iter()
+            .all(|r| r.is_finite() && *r >= 0.0)
+            && (train + val + test - 1.0).abs() < 1e-6;
+        if ok {
+            Ok(())
+        } else {
+            Err(SplitError::BadRatios { train, val, test })
+        }
     }
 }
 
@@ -86,7 +99,11 @@ pub struct Splits {
 
 impl Splits {
     pub fn named(&self) -> [(&'static str, &[usize]); 3] {
-        [("train", &self.train), ("val", &self.val), ("test", &self.test)]
+        [
+            ("train", &self.train),
+            ("val", &self.val),
+            ("test", &self.test),
+        ]
     }
 }
 
@@ -109,10 +126,21 @@ fn apportion(counts: &[usize], caps: &[usize], total: usize) -> Vec<usize> {
     if n == 0 {
         return vec![0; counts.len()];
     }
-    let quotas: Vec<f64> = counts.iter().map(|&c| c as f64 * total as f64 / n as f64).collect();
-    let mut out: Vec<usize> = quotas.iter().zip(caps).map(|(q, &cap)| (q.floor() as usize).min(cap)).collect();
+    let quotas: Vec<f64> = counts
+        .iter()
+        .map(|&c| c as f64 * total as f64 / n as f64)
+        .collect();
+    let mut out: Vec<usize> = quotas
+        .iter()
+        .zip(caps)
+        .map(|(q, &cap)| (q.floor() as usize).min(cap))
+        .collect();
     let mut order: Vec<usize> = (0..counts.len()).collect();
-    order.sort_by(|&x, &y| (quotas[y] - quotas[y].floor()).total_cmp(&(quotas[x] - quotas[x].floor())).then(x.cmp(&y)));
+    order.sort_by(|&x, &y| {
+        (quotas[y] - quotas[y].floor())
+            .total_cmp(&(quotas[x] - quotas[x].floor()))
+            .then(x.cmp(&y))
+    });
     let mut left = total.saturating_sub(out.iter().sum());
     while left > 0 {
         let before = left;
@@ -131,23 +159,36 @@ fn apportion(counts: &[usize], caps: &[usize], total: usize) -> Vec<usize> {
 
 /// Keeps `percent`% of the rows (rounded to nearest), each class in proportion, seeded.
 /// Returns ascending indices into `labels`.
-pub fn stratified_sample(labels: &[Label], percent: f64, seed: u64) -> Result<Vec<usize>, SplitError> {
+pub fn stratified_sample(
+    labels: &[Label],
+    percent: f64,
+    seed: u64,
+) -> Result<Vec<usize>, SplitError> {
     if !(percent > 0.0 && percent <= 100.0) {
         return Err(SplitError::BadPercent(percent));
     }
     let mut rng = SplitMix64::new(seed);
     let by_class = shuffled_by_class(labels, &mut rng);
     let counts: Vec<usize> = by_class.iter().map(Vec::len).collect();
-    let total = ((labels.len() as f64 * percent / 100.0).round() as usize).clamp(1, labels.len().max(1));
+    let total =
+        ((labels.len() as f64 * percent / 100.0).round() as usize).clamp(1, labels.len().max(1));
     let take = apportion(&counts, &counts, total);
-    let mut kept: Vec<usize> = by_class.iter().zip(&take).flat_map(|(idx, &k)| idx[..k].iter().copied()).collect();
+    let mut kept: Vec<usize> = by_class
+        .iter()
+        .zip(&take)
+        .flat_map(|(idx, &k)| idx[..k].iter().copied())
+        .collect();
     kept.sort_unstable();
     Ok(kept)
 }
 
 /// Stratified split: split sizes are the ratios of the whole (rounded), shared among classes in proportion, so
 /// every split keeps the class balance. Test takes the remainder, so no row is lost to rounding.
-pub fn stratified_split(labels: &[Label], ratios: SplitRatios, seed: u64) -> Result<Splits, SplitError> {
+pub fn stratified_split(
+    labels: &[Label],
+    ratios: SplitRatios,
+    seed: u64,
+) -> Result<Splits, SplitError> {
     ratios.validate()?;
     // A different stream from the subsample's, so sampling then splitting with one seed is not correlated.
     let mut rng = SplitMix64::new(seed ^ 0xA5A5_5A5A_C3C3_3C3C);
@@ -196,11 +237,20 @@ mod tests {
         let l = labels(505, 495, 0);
         let s = stratified_split(&l, SplitRatios::default(), 42).unwrap();
         assert_eq!((s.train.len(), s.val.len(), s.test.len()), (700, 100, 200));
-        let mut all: Vec<usize> = s.train.iter().chain(&s.val).chain(&s.test).copied().collect();
+        let mut all: Vec<usize> = s
+            .train
+            .iter()
+            .chain(&s.val)
+            .chain(&s.test)
+            .copied()
+            .collect();
         all.sort_unstable();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
         let a_in_train = s.train.iter().filter(|&&i| l[i] == Label::ModelA).count();
-        assert!((a_in_train as f64 - 505.0 * 0.7).abs() <= 1.0, "{a_in_train}");
+        assert!(
+            (a_in_train as f64 - 505.0 * 0.7).abs() <= 1.0,
+            "{a_in_train}"
+        );
         let a_in_val = s.val.iter().filter(|&&i| l[i] == Label::ModelA).count();
         assert!((a_in_val as f64 - 505.0 * 0.1).abs() <= 1.0, "{a_in_val}");
         assert_eq!(s, stratified_split(&l, SplitRatios::default(), 42).unwrap());
@@ -227,7 +277,30 @@ mod tests {
 
     #[test]
     fn bad_ratios_are_rejected() {
-        let r = SplitRatios { train: 0.8, val: 0.1, test: 0.2 };
-        assert!(matches!(stratified_split(&labels(3, 3, 0), r, 1), Err(SplitError::BadRatios { .. })));
+        let r = SplitRatios {
+            train: 0.8,
+            val: 0.1,
+            test: 0.2,
+        };
+        assert!(matches!(
+            stratified_split(&labels(3, 3, 0), r, 1),
+            Err(SplitError::BadRatios { .. })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// The same seed must give the same rows on every platform and release: a change here changes every user's
+    /// splits, and must be deliberate.
+    #[test]
+    fn split_of_seed_42_is_pinned() {
+        let labels: Vec<Label> = (0..20).map(|i| if i % 3 == 0 { Label::ModelB } else { Label::ModelA }).collect();
+        let s = stratified_split(&labels, SplitRatios::default(), 42).unwrap();
+        assert_eq!(s.val, [3, 10]);
+        assert_eq!(s.test, [1, 4, 9, 11]);
+        assert_eq!(stratified_sample(&labels, 50.0, 42).unwrap(), [0, 1, 2, 5, 8, 9, 12, 13, 16, 19]);
     }
 }

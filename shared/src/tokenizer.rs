@@ -10,8 +10,8 @@
 //!   long, un-pre-tokenized input. Tests compare it id-for-id with `tokenizers` on real rows and random text.
 //! - `tokenizers` itself for any other tokenizer (and as the reference in tests).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Deserialize;
@@ -49,7 +49,10 @@ enum Engine {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("engine", &self.engine_name()).field("sha256", &self.sha256).finish()
+        f.debug_struct("Tokenizer")
+            .field("engine", &self.engine_name())
+            .field("sha256", &self.sha256)
+            .finish()
     }
 }
 
@@ -75,36 +78,57 @@ impl Tokenizer {
     #[cfg(feature = "native")]
     pub fn from_file(path: &std::path::Path) -> Result<Self, TokenizerError> {
         let file = path.display().to_string();
-        let bytes =
-            std::fs::read(path).map_err(|e| TokenizerError::Read { file: file.clone(), message: e.to_string() })?;
+        let bytes = std::fs::read(path).map_err(|e| TokenizerError::Read {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
         Self::from_json_bytes(&file, &bytes, EnginePreference::Fastest)
     }
 
     /// Parses a `tokenizer.json`. `name` only labels errors.
-    pub fn from_json_bytes(name: &str, bytes: &[u8], preference: EnginePreference) -> Result<Self, TokenizerError> {
-        let parse_err = |message: String| TokenizerError::Parse { file: name.into(), message };
-        let json: TokenizerJson = serde_json::from_slice(bytes).map_err(|e| parse_err(e.to_string()))?;
+    pub fn from_json_bytes(
+        name: &str,
+        bytes: &[u8],
+        preference: EnginePreference,
+    ) -> Result<Self, TokenizerError> {
+        let parse_err = |message: String| TokenizerError::Parse {
+            file: name.into(),
+            message,
+        };
+        let json: TokenizerJson =
+            serde_json::from_slice(bytes).map_err(|e| parse_err(e.to_string()))?;
         let special = |token: &'static str| -> Result<u32, TokenizerError> {
             json.added_tokens
                 .iter()
                 .find(|t| t.content == token)
                 .map(|t| t.id)
                 .or_else(|| json.model.vocab.get(token).copied())
-                .ok_or(TokenizerError::MissingSpecial { file: name.into(), token })
+                .ok_or(TokenizerError::MissingSpecial {
+                    file: name.into(),
+                    token,
+                })
         };
         let (bos_id, eos_id, pad_id) = (special("<bos>")?, special("<eos>")?, special("<pad>")?);
         let engine = match (preference, GemmaBpe::from_json(&json)) {
             (EnginePreference::Fastest, Some(bpe)) => Engine::Gemma(Box::new(bpe)),
             _ => {
-                let mut hf = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| parse_err(e.to_string()))?;
+                let mut hf = tokenizers::Tokenizer::from_bytes(bytes)
+                    .map_err(|e| parse_err(e.to_string()))?;
                 // The pipeline truncates and pads itself; a tokenizer.json may carry its own settings.
-                hf.with_truncation(None).map_err(|e| parse_err(e.to_string()))?;
+                hf.with_truncation(None)
+                    .map_err(|e| parse_err(e.to_string()))?;
                 hf.with_padding(None);
                 Engine::Hf(Box::new(hf))
             }
         };
         let sha256 = hex(&Sha256::digest(bytes));
-        Ok(Self { engine, bos_id, eos_id, pad_id, sha256 })
+        Ok(Self {
+            engine,
+            bos_id,
+            eos_id,
+            pad_id,
+            sha256,
+        })
     }
 
     /// How many chunks (word-like pieces) each thread remembers the tokens of; 0 turns the cache off. It only
@@ -130,35 +154,62 @@ impl Tokenizer {
                 bpe.encode_into(text, &mut out, false);
                 Ok(out.ids)
             }
-            Engine::Hf(hf) => {
-                Ok(hf.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?.get_ids().to_vec())
-            }
+            Engine::Hf(hf) => Ok(hf
+                .encode_fast(text, false)
+                .map_err(|e| TokenizerError::Encode(e.to_string()))?
+                .get_ids()
+                .to_vec()),
         }
     }
 
     /// Counts the tokens of `text` and, when there are more than `budget`, decodes its first `head` and last
     /// `tail` tokens exactly as Hugging Face's `decode` would (see [`crate::truncate`]).
-    pub(crate) fn head_tail(&self, text: &str, budget: usize, head: usize, tail: usize) -> Result<HeadTail, TokenizerError> {
+    pub(crate) fn head_tail(
+        &self,
+        text: &str,
+        budget: usize,
+        head: usize,
+        tail: usize,
+    ) -> Result<HeadTail, TokenizerError> {
         match &self.engine {
             Engine::Gemma(bpe) => {
                 let mut enc = Encoding::default();
                 bpe.encode_into(text, &mut enc, true);
                 let n = enc.ids.len();
                 if n <= budget {
-                    return Ok(HeadTail { tokens: n, pieces: None });
+                    return Ok(HeadTail {
+                        tokens: n,
+                        pieces: None,
+                    });
                 }
                 let head_text = bpe.decode_span(text, &enc, 0..head);
                 let tail_text = bpe.decode_span(text, &enc, n - tail..n);
-                Ok(HeadTail { tokens: n, pieces: Some((head_text, tail_text)) })
+                Ok(HeadTail {
+                    tokens: n,
+                    pieces: Some((head_text, tail_text)),
+                })
             }
             Engine::Hf(hf) => {
-                let ids = hf.encode_fast(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?.get_ids().to_vec();
+                let ids = hf
+                    .encode_fast(text, false)
+                    .map_err(|e| TokenizerError::Encode(e.to_string()))?
+                    .get_ids()
+                    .to_vec();
                 let n = ids.len();
                 if n <= budget {
-                    return Ok(HeadTail { tokens: n, pieces: None });
+                    return Ok(HeadTail {
+                        tokens: n,
+                        pieces: None,
+                    });
                 }
-                let decode = |ids: &[u32]| hf.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()));
-                Ok(HeadTail { tokens: n, pieces: Some((decode(&ids[..head])?, decode(&ids[n - tail..])?)) })
+                let decode = |ids: &[u32]| {
+                    hf.decode(ids, false)
+                        .map_err(|e| TokenizerError::Encode(e.to_string()))
+                };
+                Ok(HeadTail {
+                    tokens: n,
+                    pieces: Some((decode(&ids[..head])?, decode(&ids[n - tail..])?)),
+                })
             }
         }
     }
@@ -279,7 +330,9 @@ impl GemmaBpe {
             && m.end_of_word_suffix.is_none()
             && m.byte_fallback
             && !m.ignore_merges
-            && json.added_tokens.iter().all(|t| !t.normalized && !t.lstrip && !t.rstrip && !t.single_word && !t.content.is_empty());
+            && json.added_tokens.iter().all(|t| {
+                !t.normalized && !t.lstrip && !t.rstrip && !t.single_word && !t.content.is_empty()
+            });
         if !shape_ok {
             return None;
         }
@@ -330,8 +383,12 @@ impl GemmaBpe {
             // A repeated pair keeps its last rank, as in `tokenizers`.
             merges.insert(pack(ia, ib), pack(rank as u32, merged));
         }
-        let mut added: Vec<(String, u32)> = json.added_tokens.iter().map(|t| (t.content.clone(), t.id)).collect();
-        added.sort_by(|x, y| y.0.len().cmp(&x.0.len()));
+        let mut added: Vec<(String, u32)> = json
+            .added_tokens
+            .iter()
+            .map(|t| (t.content.clone(), t.id))
+            .collect();
+        added.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let mut added_first_bytes = [false; 256];
         for (s, _) in &added {
             added_first_bytes[s.as_bytes()[0] as usize] = true;
@@ -381,17 +438,20 @@ impl GemmaBpe {
                 let b = text.as_bytes();
                 let mut i = 0;
                 while i < b.len() {
-                    if self.added_first_bytes[b[i] as usize] {
-                        if let Some((s, id)) = self.added.iter().find(|(s, _)| b[i..].starts_with(s.as_bytes())) {
-                            self.segment(&text[start..i], start, out, offsets, local);
-                            out.ids.push(*id);
-                            if offsets {
-                                out.offsets.push((i as u32, (i + s.len()) as u32));
-                            }
-                            i += s.len();
-                            start = i;
-                            continue;
+                    if self.added_first_bytes[b[i] as usize]
+                        && let Some((s, id)) = self
+                            .added
+                            .iter()
+                            .find(|(s, _)| b[i..].starts_with(s.as_bytes()))
+                    {
+                        self.segment(&text[start..i], start, out, offsets, local);
+                        out.ids.push(*id);
+                        if offsets {
+                            out.offsets.push((i as u32, (i + s.len()) as u32));
                         }
+                        i += s.len();
+                        start = i;
+                        continue;
                     }
                     i += 1;
                 }
@@ -405,7 +465,9 @@ impl GemmaBpe {
     fn joinable(&self, a: char, b: char) -> bool {
         match (ascii_slot(a), ascii_slot(b)) {
             (Some(x), Some(y)) => self.joinable_ascii[x] >> y & 1 == 1,
-            _ => self.joinable.contains(&pack(normalize(a) as u32, normalize(b) as u32)),
+            _ => self
+                .joinable
+                .contains(&pack(normalize(a) as u32, normalize(b) as u32)),
         }
     }
 
@@ -417,24 +479,50 @@ impl GemmaBpe {
     /// together. Gemma's 256k tokens hold only about 28k distinct adjacent pairs (no token has a `▁` after another
     /// character, for one), so text falls into word-sized chunks. Each chunk's BPE is short, and repeated chunks
     /// (words) come from a per-thread cache.
-    fn segment(&self, text: &str, base: usize, out: &mut Encoding, offsets: bool, local: &mut Local) {
+    fn segment(
+        &self,
+        text: &str,
+        base: usize,
+        out: &mut Encoding,
+        offsets: bool,
+        local: &mut Local,
+    ) {
         let mut chunk_start = 0;
         let mut prev: Option<char> = None;
         for (i, c) in text.char_indices() {
-            if let Some(p) = prev {
-                if !self.joinable(p, c) {
-                    self.chunk(&text[chunk_start..i], base + chunk_start, out, offsets, local);
-                    chunk_start = i;
-                }
+            if let Some(p) = prev
+                && !self.joinable(p, c)
+            {
+                self.chunk(
+                    &text[chunk_start..i],
+                    base + chunk_start,
+                    out,
+                    offsets,
+                    local,
+                );
+                chunk_start = i;
             }
             prev = Some(c);
         }
         if chunk_start < text.len() {
-            self.chunk(&text[chunk_start..], base + chunk_start, out, offsets, local);
+            self.chunk(
+                &text[chunk_start..],
+                base + chunk_start,
+                out,
+                offsets,
+                local,
+            );
         }
     }
 
-    fn chunk(&self, chunk: &str, base: usize, out: &mut Encoding, offsets: bool, local: &mut Local) {
+    fn chunk(
+        &self,
+        chunk: &str,
+        base: usize,
+        out: &mut Encoding,
+        offsets: bool,
+        local: &mut Local,
+    ) {
         let Local { cache, scratch, .. } = local;
         let tokens: &[(u32, u32)] = match cache.get(chunk) {
             Some(t) => t,
@@ -462,15 +550,27 @@ impl GemmaBpe {
         let syms = &mut scratch.symbols;
         syms.clear();
         for (i, c) in word.char_indices() {
-            let id = if c.is_ascii() { self.ascii[c as usize] } else { self.chars.get(&c).copied().unwrap_or(NONE) };
+            let id = if c.is_ascii() {
+                self.ascii[c as usize]
+            } else {
+                self.chars.get(&c).copied().unwrap_or(NONE)
+            };
             let start = i as u32;
             if id != NONE {
-                syms.push(Symbol { id, start, end: start + c.len_utf8() as u32 });
+                syms.push(Symbol {
+                    id,
+                    start,
+                    end: start + c.len_utf8() as u32,
+                });
             } else {
                 let mut buf = [0u8; 4];
                 for (k, byte) in c.encode_utf8(&mut buf).bytes().enumerate() {
                     let s = start + k as u32;
-                    syms.push(Symbol { id: self.bytes[byte as usize], start: s, end: s + 1 });
+                    syms.push(Symbol {
+                        id: self.bytes[byte as usize],
+                        start: s,
+                        end: s + 1,
+                    });
                 }
             }
         }
@@ -478,7 +578,9 @@ impl GemmaBpe {
         if n <= SMALL_CHUNK {
             self.merge_small(syms, &mut scratch.ranks);
             scratch.tokens.clear();
-            scratch.tokens.extend(syms.iter().map(|s| (s.id, s.end - s.start)));
+            scratch
+                .tokens
+                .extend(syms.iter().map(|s| (s.id, s.end - s.start)));
             return;
         }
         // Doubly linked list over `syms`; a merged-away symbol gets `id = NONE`.
@@ -503,11 +605,17 @@ impl GemmaBpe {
                 continue;
             }
             // Entries go stale when a neighbour merged; the pair must still be the one this entry was for.
-            let Some(&m) = self.merges.get(&pack(left.id, syms[next].id)) else { continue };
+            let Some(&m) = self.merges.get(&pack(left.id, syms[next].id)) else {
+                continue;
+            };
             if high(m) != rank {
                 continue;
             }
-            syms[pos] = Symbol { id: low(m), start: left.start, end: syms[next].end };
+            syms[pos] = Symbol {
+                id: low(m),
+                start: left.start,
+                end: syms[next].end,
+            };
             syms[next].id = NONE;
             let after = links[next].end;
             links[pos].end = after;
@@ -515,25 +623,36 @@ impl GemmaBpe {
                 links[after as usize].start = pos as u32;
             }
             let prev = links[pos].start;
-            if prev != u32::MAX {
-                if let Some(&m) = self.merges.get(&pack(syms[prev as usize].id, syms[pos].id)) {
-                    heap.push(Reverse(pack(high(m), prev)));
-                }
+            if prev != u32::MAX
+                && let Some(&m) = self.merges.get(&pack(syms[prev as usize].id, syms[pos].id))
+            {
+                heap.push(Reverse(pack(high(m), prev)));
             }
-            if (after as usize) < n {
-                if let Some(&m) = self.merges.get(&pack(syms[pos].id, syms[after as usize].id)) {
-                    heap.push(Reverse(pack(high(m), pos as u32)));
-                }
+            if (after as usize) < n
+                && let Some(&m) = self
+                    .merges
+                    .get(&pack(syms[pos].id, syms[after as usize].id))
+            {
+                heap.push(Reverse(pack(high(m), pos as u32)));
             }
         }
         scratch.tokens.clear();
-        scratch.tokens.extend(syms.iter().filter(|s| s.id != NONE).map(|s| (s.id, s.end - s.start)));
+        scratch.tokens.extend(
+            syms.iter()
+                .filter(|s| s.id != NONE)
+                .map(|s| (s.id, s.end - s.start)),
+        );
     }
 
     /// The merge loop for a short chunk, where a heap costs more than it saves: keep the merge of every adjacent
     /// pair in an array and apply the leftmost lowest-ranked one until none is left. Same order as the heap.
     fn merge_small(&self, syms: &mut Vec<Symbol>, ranks: &mut Vec<u64>) {
-        let merge_of = |a: &Symbol, b: &Symbol| self.merges.get(&pack(a.id, b.id)).copied().unwrap_or(u64::MAX);
+        let merge_of = |a: &Symbol, b: &Symbol| {
+            self.merges
+                .get(&pack(a.id, b.id))
+                .copied()
+                .unwrap_or(u64::MAX)
+        };
         ranks.clear();
         ranks.extend(syms.windows(2).map(|w| merge_of(&w[0], &w[1])));
         loop {
@@ -549,7 +668,11 @@ impl GemmaBpe {
             if at == usize::MAX {
                 return;
             }
-            syms[at] = Symbol { id: low(best), start: syms[at].start, end: syms[at + 1].end };
+            syms[at] = Symbol {
+                id: low(best),
+                start: syms[at].start,
+                end: syms[at + 1].end,
+            };
             syms.remove(at + 1);
             ranks.remove(at);
             if at < ranks.len() {
@@ -643,7 +766,13 @@ fn normalize(c: char) -> char {
 /// tokens as itself).
 #[inline]
 fn ascii_slot(c: char) -> Option<usize> {
-    if c == SPACE_MARK { Some(b' ' as usize) } else if c.is_ascii() { Some(c as usize) } else { None }
+    if c == SPACE_MARK {
+        Some(b' ' as usize)
+    } else if c.is_ascii() {
+        Some(c as usize)
+    } else {
+        None
+    }
 }
 
 #[inline]
@@ -670,9 +799,15 @@ pub fn default_tokenizer_path() -> Option<std::path::PathBuf> {
         return Some(p.into());
     }
     let cwd = std::env::current_dir().ok();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(std::path::Path::to_path_buf);
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf);
     cwd.iter()
-        .flat_map(|d| d.ancestors().map(std::path::Path::to_path_buf).collect::<Vec<_>>())
+        .flat_map(|d| {
+            d.ancestors()
+                .map(std::path::Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
         .chain(repo)
         .map(|d| d.join(DEFAULT_TOKENIZER))
         .find(|p| p.is_file())
@@ -685,13 +820,34 @@ mod tests {
     /// A toy SentencePiece-style tokenizer whose merges do cross a `▁` (`a▁b`), with a byte-fallback-only
     /// character and an added token.
     fn toy() -> Vec<u8> {
-        let mut vocab: Vec<String> = vec!["<pad>".into(), "<eos>".into(), "<bos>".into(), "<unk>".into()];
+        let mut vocab: Vec<String> = vec![
+            "<pad>".into(),
+            "<eos>".into(),
+            "<bos>".into(),
+            "<unk>".into(),
+        ];
         vocab.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
-        for t in ["a", "b", "c", "\u{2581}", "a\u{2581}", "a\u{2581}b", "bc", "cc", "ccc", "\u{2581}\u{2581}", "\t", "é"] {
+        for t in [
+            "a",
+            "b",
+            "c",
+            "\u{2581}",
+            "a\u{2581}",
+            "a\u{2581}b",
+            "bc",
+            "cc",
+            "ccc",
+            "\u{2581}\u{2581}",
+            "\t",
+            "é",
+        ] {
             vocab.push(t.into());
         }
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+            .collect();
         let json = serde_json::json!({
             "added_tokens": [
                 {"id": 0, "content": "<pad>", "special": true, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false},
@@ -717,16 +873,30 @@ mod tests {
     fn merges_across_a_space_mark_are_kept_and_match_tokenizers() {
         let bytes = toy();
         let fast = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::Fastest).unwrap();
-        let mut uncached = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::Fastest).unwrap();
+        let mut uncached =
+            Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::Fastest).unwrap();
         uncached.set_cache_capacity(0);
         let hf = Tokenizer::from_json_bytes("toy", &bytes, EnginePreference::HuggingFace).unwrap();
         assert_eq!(fast.engine_name(), "gemma-bpe");
         assert_eq!(hf.engine_name(), "huggingface-tokenizers");
-        for text in ["a b", "a bc", "ccccc b a b", "x a  b\té<eos>a b", "🙂a b", "ba b a", "  ", ""] {
+        for text in [
+            "a b",
+            "a bc",
+            "ccccc b a b",
+            "x a  b\té<eos>a b",
+            "🙂a b",
+            "ba b a",
+            "  ",
+            "",
+        ] {
             let expected = hf.encode(text).unwrap();
             assert_eq!(fast.encode(text).unwrap(), expected, "{text:?}");
             assert_eq!(fast.encode(text).unwrap(), expected, "{text:?} (cached)");
-            assert_eq!(uncached.encode(text).unwrap(), expected, "{text:?} (no cache)");
+            assert_eq!(
+                uncached.encode(text).unwrap(),
+                expected,
+                "{text:?} (no cache)"
+            );
         }
         // `a▁b` is one token: the chunking must not cut between `a` and `▁`.
         assert_eq!(fast.encode("a b").unwrap().len(), 1);
@@ -736,7 +906,12 @@ mod tests {
     fn unsupported_shapes_fall_back_to_tokenizers() {
         let mut json: serde_json::Value = serde_json::from_slice(&toy()).unwrap();
         json["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
-        let t = Tokenizer::from_json_bytes("toy", &serde_json::to_vec(&json).unwrap(), EnginePreference::Fastest).unwrap();
+        let t = Tokenizer::from_json_bytes(
+            "toy",
+            &serde_json::to_vec(&json).unwrap(),
+            EnginePreference::Fastest,
+        )
+        .unwrap();
         assert_eq!(t.engine_name(), "huggingface-tokenizers");
     }
 }

@@ -28,18 +28,30 @@ pub struct Truncated<'a> {
 
 /// Applies the rule to one field. `budget` must be at least [`MIN_BUDGET`] (checked by
 /// [`crate::preprocess::PreprocessConfig::validate`]).
-pub fn smart_truncate<'a>(tokenizer: &Tokenizer, text: &'a str, budget: usize) -> Result<Truncated<'a>, TokenizerError> {
+pub fn smart_truncate<'a>(
+    tokenizer: &Tokenizer,
+    text: &'a str,
+    budget: usize,
+) -> Result<Truncated<'a>, TokenizerError> {
     debug_assert!(budget >= MIN_BUDGET);
     let half = budget / 2;
     let cut = tokenizer.head_tail(text, budget, half, half - 1)?;
     Ok(match cut.pieces {
-        None => Truncated { text: Cow::Borrowed(text), tokens: cut.tokens, snipped: false },
+        None => Truncated {
+            text: Cow::Borrowed(text),
+            tokens: cut.tokens,
+            snipped: false,
+        },
         Some((head, tail)) => {
             let mut s = String::with_capacity(head.len() + SNIP.len() + tail.len());
             s.push_str(&head);
             s.push_str(SNIP);
             s.push_str(&tail);
-            Truncated { text: Cow::Owned(s), tokens: cut.tokens, snipped: true }
+            Truncated {
+                text: Cow::Owned(s),
+                tokens: cut.tokens,
+                snipped: true,
+            }
         }
     })
 }

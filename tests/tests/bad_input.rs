@@ -7,7 +7,8 @@ use shared::cache::PrepareSettings;
 use shared::data::{DataError, Format, load_file};
 use shared::prepare::{PrepareError, PrepareRequest, Silent, prepare};
 
-const LMSYS_HEADER: &str = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
+const LMSYS_HEADER: &str =
+    "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
 
 fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
     let p = dir.join(name);
@@ -18,7 +19,10 @@ fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
 fn load_err(path: &Path) -> (DataError, String) {
     let err = load_file(path, Format::Auto).expect_err("bad input must be an error");
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()), "error does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "error does not name the file: {msg}"
+    );
     (err, msg)
 }
 
@@ -33,7 +37,10 @@ fn missing_column() {
     let d = temp_dir("missing-col");
     let p = write(&d, "a.csv", b"id,prompt,response_a,winner\n1,p,a,model_a\n");
     let (err, msg) = load_err(&p);
-    assert!(matches!(err, DataError::MissingColumn { ref column, .. } if column == "response_b"), "{msg}");
+    assert!(
+        matches!(err, DataError::MissingColumn { ref column, .. } if column == "response_b"),
+        "{msg}"
+    );
     let p = write(&d, "b.csv", b"id,prompt,response_a,response_b\n1,p,a,b\n");
     let (err, msg) = load_err(&p);
     assert!(matches!(err, DataError::UnknownSchema { .. }), "{msg}");
@@ -54,7 +61,10 @@ fn wrong_column_type_in_parquet() {
         ],
     );
     let (err, msg) = load_err(&p);
-    assert!(matches!(err, DataError::ColumnType { ref column, .. } if column == "prompt"), "{msg}");
+    assert!(
+        matches!(err, DataError::ColumnType { ref column, .. } if column == "prompt"),
+        "{msg}"
+    );
     assert!(msg.contains("integer") && msg.contains("string"), "{msg}");
 }
 
@@ -74,14 +84,27 @@ fn null_text_in_parquet_becomes_empty() {
         ],
     );
     let rows = load_file(&p, Format::Auto).unwrap().records;
-    assert_eq!((rows[0].response_a.as_str(), rows[1].prompt.as_str()), ("", ""));
-    assert_eq!((rows[0].id.as_str(), rows[1].language.as_deref()), ("11", Some("German")));
+    assert_eq!(
+        (rows[0].response_a.as_str(), rows[1].prompt.as_str()),
+        ("", "")
+    );
+    assert_eq!(
+        (rows[0].id.as_str(), rows[1].language.as_deref()),
+        ("11", Some("German"))
+    );
 }
 
 #[test]
 fn unparsable_turn_list() {
     let d = temp_dir("bad-json");
-    let p = write(&d, "l.csv", format!("{LMSYS_HEADER}77,x,y,\"[\"\"ok\"\"]\",\"[\"\"unterminated]\",\"[\"\"b\"\"]\",1,0,0\n").as_bytes());
+    let p = write(
+        &d,
+        "l.csv",
+        format!(
+            "{LMSYS_HEADER}77,x,y,\"[\"\"ok\"\"]\",\"[\"\"unterminated]\",\"[\"\"b\"\"]\",1,0,0\n"
+        )
+        .as_bytes(),
+    );
     let (err, msg) = load_err(&p);
     assert!(matches!(err, DataError::BadTurns { .. }), "{msg}");
     assert!(msg.contains("id 77") && msg.contains("response_a"), "{msg}");
@@ -90,16 +113,28 @@ fn unparsable_turn_list() {
 #[test]
 fn unknown_winner() {
     let d = temp_dir("winner");
-    let p = write(&d, "w.csv", b"id,prompt,response_a,response_b,winner\nr1,p,a,b,model_a\nr2,p,a,b,model_c\n");
+    let p = write(
+        &d,
+        "w.csv",
+        b"id,prompt,response_a,response_b,winner\nr1,p,a,b,model_a\nr2,p,a,b,model_c\n",
+    );
     let (err, msg) = load_err(&p);
     assert!(matches!(err, DataError::UnknownWinner { .. }), "{msg}");
-    assert!(msg.contains("row 2 (id r2)") && msg.contains("model_c"), "{msg}");
+    assert!(
+        msg.contains("row 2 (id r2)") && msg.contains("model_c"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn zero_rows_after_dropping_ties() {
     let d = temp_dir("all-ties");
-    let p = write(&d, "ties.csv", format!("{LMSYS_HEADER}1,x,y,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,0,1\n").as_bytes());
+    let p = write(
+        &d,
+        "ties.csv",
+        format!("{LMSYS_HEADER}1,x,y,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\",0,0,1\n")
+            .as_bytes(),
+    );
     let req = PrepareRequest {
         data: p.clone(),
         tokenizer: tokenizer_path(),
@@ -110,7 +145,10 @@ fn zero_rows_after_dropping_ties() {
     };
     let err = prepare(&req, &Silent).expect_err("no rows left");
     let msg = err.to_string();
-    assert!(matches!(err, PrepareError::Data(DataError::NoRows { .. })), "{msg}");
+    assert!(
+        matches!(err, PrepareError::Data(DataError::NoRows { .. })),
+        "{msg}"
+    );
     assert!(msg.contains("ties.csv") && msg.contains("1 ties"), "{msg}");
     assert!(!d.join("out/manifest.json").exists());
     let empty = write(&d, "empty.csv", LMSYS_HEADER.as_bytes());
@@ -125,7 +163,10 @@ fn truncated_parquet() {
     for keep in [4, 100, bytes.len() / 2, bytes.len() - 1] {
         let p = write(&d, "cut.parquet", &bytes[..keep]);
         let (err, _) = load_err(&p);
-        assert!(matches!(err, DataError::Parquet { .. }), "keep {keep}: {err}");
+        assert!(
+            matches!(err, DataError::Parquet { .. }),
+            "keep {keep}: {err}"
+        );
     }
 }
 
@@ -160,6 +201,8 @@ fn bad_tokenizer_file() {
         force: false,
         token_cache_chunks: 0,
     };
-    let msg = prepare(&req, &Silent).expect_err("bad tokenizer").to_string();
+    let msg = prepare(&req, &Silent)
+        .expect_err("bad tokenizer")
+        .to_string();
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }

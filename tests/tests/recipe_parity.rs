@@ -7,7 +7,11 @@ use shared::truncate::smart_truncate;
 
 #[test]
 fn fixture_was_made_with_this_tokenizer() {
-    assert_eq!(recipe_fixture().tokenizer_sha256, gemma().sha256, "regenerate with scripts/make_preprocess_fixture.py");
+    assert_eq!(
+        recipe_fixture().tokenizer_sha256,
+        gemma().sha256,
+        "regenerate with scripts/make_preprocess_fixture.py"
+    );
 }
 
 #[test]
@@ -21,8 +25,15 @@ fn every_sample_row_matches_the_recipe_text_and_ids() {
             assert_eq!(r.id, e.id, "{file}: row order");
             assert_eq!(r.label.as_str(), e.winner, "{file}: label of {}", r.id);
             let t = template(gemma(), &config, &r.prompt, &r.response_a, &r.response_b).unwrap();
-            assert_eq!(short_hash(&t.text), e.text_sha, "{file}: templated text of {}", r.id);
-            let ids = preprocess_record(gemma(), &config, r, false).unwrap().input_ids;
+            assert_eq!(
+                short_hash(&t.text),
+                e.text_sha,
+                "{file}: templated text of {}",
+                r.id
+            );
+            let ids = preprocess_record(gemma(), &config, r, false)
+                .unwrap()
+                .input_ids;
             assert_eq!(ids.len(), e.n_ids, "{file}: length of {}", r.id);
             assert!(ids.len() <= config.max_length);
             if let Some(full_ids) = &e.ids {
@@ -38,8 +49,14 @@ fn every_sample_row_matches_the_recipe_text_and_ids() {
 #[test]
 fn rows_cut_at_max_length_keep_bos_and_eos() {
     let config = PreprocessConfig::default();
-    let records = load_file(&root().join("data/arena-sample.parquet"), Format::Auto).unwrap().records;
-    let cut: Vec<_> = records.iter().map(|r| preprocess_record(gemma(), &config, r, false).unwrap()).filter(|e| e.cut).collect();
+    let records = load_file(&root().join("data/arena-sample.parquet"), Format::Auto)
+        .unwrap()
+        .records;
+    let cut: Vec<_> = records
+        .iter()
+        .map(|r| preprocess_record(gemma(), &config, r, false).unwrap())
+        .filter(|e| e.cut)
+        .collect();
     assert!(!cut.is_empty());
     for e in cut {
         assert_eq!(e.input_ids.len(), 512);
@@ -55,30 +72,55 @@ fn truncation_edge_cases_match_the_recipe_string_for_string() {
     for c in cases {
         for tok in [gemma(), gemma_hf()] {
             let out = smart_truncate(tok, &c.text, c.budget).unwrap();
-            assert_eq!(out.text, c.out, "{} engine, budget {}, text {:?}", tok.engine_name(), c.budget, c.text);
+            assert_eq!(
+                out.text,
+                c.out,
+                "{} engine, budget {}, text {:?}",
+                tok.engine_name(),
+                c.budget,
+                c.text
+            );
             snipped += usize::from(out.snipped);
         }
     }
     // The cases must exercise the cut, including cuts inside characters (U+FFFD in the recipe's output).
     assert!(snipped > cases.len());
-    assert!(cases.iter().any(|c| c.out.contains('\u{FFFD}') && !c.text.contains('\u{FFFD}')));
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.out.contains('\u{FFFD}') && !c.text.contains('\u{FFFD}'))
+    );
 }
 
 #[test]
 fn encode_matches_the_recipe_on_multilingual_text() {
     for c in &recipe_fixture().encode {
         assert_eq!(gemma().encode(&c.text).unwrap(), c.ids, "text {:?}", c.text);
-        assert_eq!(gemma_hf().encode(&c.text).unwrap(), c.ids, "text {:?}", c.text);
+        assert_eq!(
+            gemma_hf().encode(&c.text).unwrap(),
+            c.ids,
+            "text {:?}",
+            c.text
+        );
     }
 }
 
 #[test]
 fn swapping_responses_swaps_them_in_the_template() {
     let config = PreprocessConfig::default();
-    let records = load_file(&root().join("data/arena-sample.parquet"), Format::Auto).unwrap().records;
+    let records = load_file(&root().join("data/arena-sample.parquet"), Format::Auto)
+        .unwrap()
+        .records;
     let r = &records[0];
     let swapped = preprocess_record(gemma(), &config, r, true).unwrap();
-    let by_hand = shared::preprocess::preprocess(gemma(), &config, &r.prompt, &r.response_b, &r.response_a).unwrap();
+    let by_hand =
+        shared::preprocess::preprocess(gemma(), &config, &r.prompt, &r.response_b, &r.response_a)
+            .unwrap();
     assert_eq!(swapped, by_hand);
-    assert_ne!(swapped.input_ids, preprocess_record(gemma(), &config, r, false).unwrap().input_ids);
+    assert_ne!(
+        swapped.input_ids,
+        preprocess_record(gemma(), &config, r, false)
+            .unwrap()
+            .input_ids
+    );
 }

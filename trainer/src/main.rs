@@ -8,12 +8,16 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::cache::{Manifest, PrepareSettings};
 use shared::data::Format;
-use shared::preprocess::PreprocessConfig;
 use shared::prepare::{PrepareRequest, Progress, prepare};
+use shared::preprocess::PreprocessConfig;
 use shared::split::SplitRatios;
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Predict which of two chatbot answers people prefer: prepare data, train, evaluate, predict.")]
+#[command(
+    name = "trainer",
+    version,
+    about = "Predict which of two chatbot answers people prefer: prepare data, train, evaluate, predict."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,9 @@ fn parse_format(s: &str) -> Result<Format, String> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -106,7 +112,11 @@ fn tokenizer_path(tokenizer: Option<PathBuf>, model: Option<PathBuf>) -> Result<
 fn run_prepare(args: PrepareArgs) -> Result<()> {
     let train = 1.0 - args.val_ratio - args.test_ratio;
     if train <= 0.0 {
-        bail!("--val-ratio {} and --test-ratio {} leave no training rows", args.val_ratio, args.test_ratio);
+        bail!(
+            "--val-ratio {} and --test-ratio {} leave no training rows",
+            args.val_ratio,
+            args.test_ratio
+        );
     }
     let req = PrepareRequest {
         data: args.data,
@@ -116,7 +126,11 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
             format: args.format,
             sample_percent: args.sample_percent,
             seed: args.seed,
-            ratios: SplitRatios { train, val: args.val_ratio, test: args.test_ratio },
+            ratios: SplitRatios {
+                train,
+                val: args.val_ratio,
+                test: args.test_ratio,
+            },
             preprocess: PreprocessConfig {
                 prompt_tokens: args.prompt_tokens,
                 response_tokens: args.response_tokens,
@@ -132,9 +146,19 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     let prepared = prepare(&req, &bar)?;
     let m = &prepared.manifest;
     if prepared.reused {
-        println!("cache {} is up to date with {} (sha256 {}); nothing to do", req.out.display(), m.source.path, &m.source.sha256[..12]);
+        println!(
+            "cache {} is up to date with {} (sha256 {}); nothing to do",
+            req.out.display(),
+            m.source.path,
+            &m.source.sha256[..12]
+        );
     } else {
-        println!("prepared {} in {:.1}s with the {} tokenizer", m.source.path, started.elapsed().as_secs_f64(), m.tokenizer.engine);
+        println!(
+            "prepared {} in {:.1}s with the {} tokenizer",
+            m.source.path,
+            started.elapsed().as_secs_f64(),
+            m.tokenizer.engine
+        );
     }
     print_summary(m);
     println!("cache: {}", req.out.join(shared::cache::MANIFEST).display());
@@ -145,14 +169,36 @@ fn print_summary(m: &Manifest) {
     let c = &m.counts;
     println!(
         "rows read: {}  ({:?} schema)   ties dropped: {}   rows kept after {}% sample: {}",
-        c.rows_read, m.source.format, c.ties_dropped, m.settings.sample_percent, c.rows_after_sample
+        c.rows_read,
+        m.source.format,
+        c.ties_dropped,
+        m.settings.sample_percent,
+        c.rows_after_sample
     );
-    println!("{:<6} {:>7} {:>16} {:>16} {:>12} {:>9} {:>9}", "split", "rows", "model_a", "model_b", "tie", "snipped", "cut@max");
+    println!(
+        "{:<6} {:>7} {:>16} {:>16} {:>12} {:>9} {:>9}",
+        "split", "rows", "model_a", "model_b", "tie", "snipped", "cut@max"
+    );
     for (name, s) in &c.splits {
-        let pct = |n: usize| if s.rows == 0 { 0.0 } else { 100.0 * n as f64 / s.rows as f64 };
+        let pct = |n: usize| {
+            if s.rows == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / s.rows as f64
+            }
+        };
         println!(
             "{:<6} {:>7} {:>8} ({:>5.1}%) {:>8} ({:>5.1}%) {:>4} ({:>4.1}%) {:>9} {:>9}",
-            name, s.rows, s.model_a, pct(s.model_a), s.model_b, pct(s.model_b), s.tie, pct(s.tie), s.snipped, s.cut_at_max_length
+            name,
+            s.rows,
+            s.model_a,
+            pct(s.model_a),
+            s.model_b,
+            pct(s.model_b),
+            s.tie,
+            pct(s.tie),
+            s.snipped,
+            s.cut_at_max_length
         );
     }
 }
@@ -165,15 +211,19 @@ impl Progress for Bar {
     fn start(&self, stage: &str, total: u64) {
         let bar = if total == 0 {
             let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
+            );
             b.enable_steady_tick(std::time::Duration::from_millis(120));
             b
         } else {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{msg:>10} [{bar:36}] {pos}/{len} rows  {per_sec}  ETA {eta}")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:>10} [{bar:36}] {pos}/{len} rows  {per_sec}  ETA {eta}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             b
         };
@@ -183,17 +233,17 @@ impl Progress for Bar {
         }
     }
     fn inc(&self, n: u64) {
-        if let Ok(slot) = self.0.lock() {
-            if let Some(b) = slot.as_ref() {
-                b.inc(n);
-            }
+        if let Ok(slot) = self.0.lock()
+            && let Some(b) = slot.as_ref()
+        {
+            b.inc(n);
         }
     }
     fn finish(&self) {
-        if let Ok(mut slot) = self.0.lock() {
-            if let Some(b) = slot.take() {
-                b.finish_and_clear();
-            }
+        if let Ok(mut slot) = self.0.lock()
+            && let Some(b) = slot.take()
+        {
+            b.finish_and_clear();
         }
     }
 }

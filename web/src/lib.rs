@@ -29,8 +29,15 @@ impl Preprocessor {
     /// Loads a `tokenizer.json` (its bytes) with the recipe's default budgets.
     #[wasm_bindgen(constructor)]
     pub fn new(tokenizer_json: &[u8]) -> Result<Preprocessor, JsError> {
-        let tokenizer = Tokenizer::from_json_bytes("tokenizer.json", tokenizer_json, EnginePreference::Fastest)?;
-        Ok(Self { tokenizer, config: PreprocessConfig::default() })
+        let tokenizer = Tokenizer::from_json_bytes(
+            "tokenizer.json",
+            tokenizer_json,
+            EnginePreference::Fastest,
+        )?;
+        Ok(Self {
+            tokenizer,
+            config: PreprocessConfig::default(),
+        })
     }
 
     /// Which tokenizer engine is in use (`gemma-bpe` for Gemma).
@@ -41,8 +48,20 @@ impl Preprocessor {
 
     /// Model input ids of one comparison: BOS, the truncated template, EOS.
     #[wasm_bindgen(js_name = inputIds)]
-    pub fn input_ids(&self, prompt: &str, response_a: &str, response_b: &str) -> Result<Vec<u32>, JsError> {
-        Ok(shared::preprocess::preprocess(&self.tokenizer, &self.config, prompt, response_a, response_b)?.input_ids)
+    pub fn input_ids(
+        &self,
+        prompt: &str,
+        response_a: &str,
+        response_b: &str,
+    ) -> Result<Vec<u32>, JsError> {
+        Ok(shared::preprocess::preprocess(
+            &self.tokenizer,
+            &self.config,
+            prompt,
+            response_a,
+            response_b,
+        )?
+        .input_ids)
     }
 
     /// Every row of a parquet or CSV file (WSDM or LMSYS schema), preprocessed, as a JSON array of
@@ -53,7 +72,12 @@ impl Preprocessor {
         let mut rows = Vec::with_capacity(dataset.records.len());
         for r in &dataset.records {
             let e = preprocess_record(&self.tokenizer, &self.config, r, false)?;
-            rows.push(PreparedRow { id: &r.id, label: r.label.as_str(), input_ids: e.input_ids, snipped: e.snipped });
+            rows.push(PreparedRow {
+                id: &r.id,
+                label: r.label.as_str(),
+                input_ids: e.input_ids,
+                snipped: e.snipped,
+            });
         }
         Ok(serde_json::to_string(&rows)?)
     }
