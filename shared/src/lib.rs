@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod data;
+pub mod model;
 pub mod preprocess;
 pub mod split;
 pub mod tokenizer;
@@ -16,5 +17,7 @@ pub mod truncate;
 
 #[cfg(feature = "native")]
 pub mod cache;
+#[cfg(feature = "native")]
+pub mod predict;
 #[cfg(feature = "native")]
 pub mod prepare;

@@ -297,10 +297,21 @@ mod golden {
     /// splits, and must be deliberate.
     #[test]
     fn split_of_seed_42_is_pinned() {
-        let labels: Vec<Label> = (0..20).map(|i| if i % 3 == 0 { Label::ModelB } else { Label::ModelA }).collect();
+        let labels: Vec<Label> = (0..20)
+            .map(|i| {
+                if i % 3 == 0 {
+                    Label::ModelB
+                } else {
+                    Label::ModelA
+                }
+            })
+            .collect();
         let s = stratified_split(&labels, SplitRatios::default(), 42).unwrap();
         assert_eq!(s.val, [3, 10]);
         assert_eq!(s.test, [1, 4, 9, 11]);
-        assert_eq!(stratified_sample(&labels, 50.0, 42).unwrap(), [0, 1, 2, 5, 8, 9, 12, 13, 16, 19]);
+        assert_eq!(
+            stratified_sample(&labels, 50.0, 42).unwrap(),
+            [0, 1, 2, 5, 8, 9, 12, 13, 16, 19]
+        );
     }
 }

@@ -27,6 +27,49 @@ struct Cli {
 enum Command {
     /// Load, split, truncate and tokenize a data file into a reusable cache.
     Prepare(PrepareArgs),
+    /// Score comparisons with a Gemma-2 classifier and write a Kaggle-style predictions CSV.
+    Predict(PredictArgs),
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json), or a trainer export.
+    #[arg(long)]
+    model: PathBuf,
+    /// Arena data: parquet or CSV, WSDM or LMSYS schema; labels, when present, are scored.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write `id,winner,prob_model_a,prob_model_b`.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    format: Format,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Also score each pair with the responses swapped and average the two.
+    #[arg(long)]
+    swap_tta: bool,
+    /// wgpu (any GPU; Mesa's lavapipe without one) or cpu.
+    #[arg(long, default_value = "wgpu")]
+    device: DeviceArg,
+    /// A tokenizer.json to use instead of the model directory's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Wgpu,
+    Cpu,
+}
+
+impl DeviceArg {
+    fn device(self) -> burn::tensor::Device {
+        match self {
+            DeviceArg::Wgpu => burn::tensor::Device::wgpu(Default::default()),
+            DeviceArg::Cpu => burn::tensor::Device::flex(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -91,6 +134,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Prepare(args) => run_prepare(args),
+        Command::Predict(args) => run_predict(args),
     }
 }
 
@@ -162,6 +206,63 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     }
     print_summary(m);
     println!("cache: {}", req.out.join(shared::cache::MANIFEST).display());
+    Ok(())
+}
+
+fn run_predict(args: PredictArgs) -> Result<()> {
+    let device = args.device.device();
+    let started = Instant::now();
+    let loaded = shared::model::load::load_hf_dir(&args.model, &device)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    if loaded.fresh_head {
+        eprintln!(
+            "warning: {} has no classification head (score.weight); its predictions are random",
+            args.model.display()
+        );
+    }
+    let tokenizer_path = args
+        .tokenizer
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tokenizer = shared::tokenizer::Tokenizer::from_file(&tokenizer_path)
+        .with_context(|| "the model directory needs a tokenizer.json (or pass --tokenizer FILE)")?;
+    let dataset = shared::data::load_file(&args.data, args.format)?;
+    let records = dataset.records;
+    let options = shared::predict::PredictOptions {
+        batch_size: args.batch_size,
+        swap_tta: args.swap_tta,
+    };
+    let bar = Bar::default();
+    let probs = shared::predict::predict(
+        &loaded.model,
+        &tokenizer,
+        &PreprocessConfig::default(),
+        &records,
+        options,
+        &device,
+        &bar,
+    )?;
+    shared::predict::write_predictions_csv(&args.out, &records, &probs, &loaded.config.labels)?;
+    println!(
+        "scored {} rows in {:.1}s{}; predictions: {}",
+        records.len(),
+        started.elapsed().as_secs_f64(),
+        if args.swap_tta { " with swap-TTA" } else { "" },
+        args.out.display()
+    );
+    let labels: Vec<shared::data::Label> = records.iter().map(|r| r.label).collect();
+    if let Some(m) = shared::predict::binary_metrics(&probs, &labels) {
+        println!(
+            "accuracy {:.4}   log loss {:.4}   on {} labelled rows{}",
+            m.accuracy,
+            m.log_loss,
+            m.rows,
+            if m.ties_skipped > 0 {
+                format!(" ({} ties not scored)", m.ties_skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,708 @@
+//! Gemma-2 (Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size", 2024) as a sequence
+//! classifier, the way transformers' `Gemma2ForSequenceClassification` computes it.
+//!
+//! Field names are the Hugging Face checkpoint keys (`model.layers.3.self_attn.q_proj.weight` is
+//! `model.layers[3].self_attn.q_proj.weight`). The Gemma-2 details, each named where it happens:
+//! - **(1 + w) RMSNorm**: norm weights are stored as offsets from one;
+//! - **embedding scale**: embeddings are multiplied by `sqrt(hidden_size)`, rounded to the activation dtype;
+//! - **sandwich norms**: a norm before *and after* both attention and the feed-forward block;
+//! - **GQA**: `num_key_value_heads` K/V heads, each shared by a group of query heads;
+//! - **query_pre_attn_scalar**: scores are scaled by `query_pre_attn_scalar^-0.5`, not `head_dim^-0.5`;
+//! - **attention soft-capping**: `cap * tanh(score / cap)` before the mask;
+//! - **alternating sliding window**: local layers (even ones, by default) see only the last `sliding_window` tokens;
+//! - **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`;
+//! - **RoPE in halves**: the rotation pairs dimension `i` with `i + head_dim/2` (`rotate_half`), not neighbours;
+//! - **[out, in] Linear**: checkpoints store PyTorch's `[out, in]`; burn's `Linear` holds `[in, out]`.
+//!
+//! The classifier pools the last non-padding token of each row and applies `score` (no bias, no soft-cap).
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::activation::{gelu_approximate, softmax};
+use burn::tensor::{Bool, Device, FloatDType, Int, Tensor, TensorData};
+
+use super::config::{Gemma2Config, LayerType};
+
+/// RMSNorm with Gemma's **(1 + w)** scale: the weight is an offset from one, so a zero-initialised norm is the
+/// identity scale. Computed in f32 whatever the activation dtype, as transformers does.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor<1>, eps: f64) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let inv_rms = x
+            .clone()
+            .square()
+            .mean_dim(2)
+            .add_scalar(self.eps)
+            .sqrt()
+            .recip(); // [batch, seq, 1]
+        let scale = self
+            .weight
+            .val()
+            .cast(FloatDType::F32)
+            .add_scalar(1.0)
+            .unsqueeze::<3>(); // [1, 1, hidden]
+        (x * inv_rms * scale).cast(dtype)
+    }
+}
+
+/// Cosine and sine tables of rotary embeddings for positions `0..seq`, kept outside the model and passed to
+/// `forward`. Computed in f32 exactly as transformers does (inverse frequencies in f32, then `pos * inv_freq`).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[seq, head_dim]`, the halves repeated: `cat(freqs, freqs)`.
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
+}
+
+impl Rope {
+    pub fn new(seq: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for pos in 0..seq {
+            for k in 0..head_dim {
+                let angle = pos as f32 * inv_freq[k % half];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [seq, head_dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [seq, head_dim]), device),
+        }
+    }
+
+    /// **RoPE in halves**: `x * cos + rotate_half(x) * sin`, where `rotate_half([x1, x2]) = [-x2, x1]` splits the
+    /// head in two halves (Hugging Face's layout; burn's `RotaryEncoding` rotates neighbours instead).
+    ///
+    /// # Shapes
+    /// `x`: `[batch, heads, seq, head_dim]` → same
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, seq, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let dtype = x.dtype();
+        let cos = self
+            .cos
+            .clone()
+            .slice([0..seq])
+            .cast(dtype)
+            .unsqueeze::<4>(); // [1, 1, seq, head_dim]
+        let sin = self
+            .sin
+            .clone()
+            .slice([0..seq])
+            .cast(dtype)
+            .unsqueeze::<4>();
+        let rotated = Tensor::cat(
+            vec![
+                x.clone().narrow(3, half, half).neg(),
+                x.clone().narrow(3, 0, half),
+            ],
+            3,
+        );
+        x * cos + rotated * sin
+    }
+}
+
+/// `true` where a query may *not* look: the future, and for a sliding layer anything `window` or more tokens
+/// back (transformers: key `j` is visible to query `i` when `i - window < j <= i`).
+///
+/// # Shapes
+/// → `[seq, seq]`
+pub fn attention_mask(seq: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bool> {
+    let future = Tensor::<2, Bool>::tril_mask([seq, seq], 0, device); // true where j > i
+    match window {
+        // true where j - i < 1 - w, i.e. i - j >= w
+        Some(w) if w < seq => future.bool_or(Tensor::<2, Bool>::triu_mask(
+            [seq, seq],
+            1 - w as i64,
+            device,
+        )),
+        _ => future,
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+    /// **query_pre_attn_scalar**: `query_pre_attn_scalar^-0.5`.
+    #[module(skip)]
+    pub scale: f64,
+    #[module(skip)]
+    pub softcap: Option<f64>,
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]`, `mask`: `[seq, seq]` (true = hidden) → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([batch, seq, h, d])
+            .swap_dims(1, 2); // [batch, h, seq, d]
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([batch, seq, kv, d])
+            .swap_dims(1, 2); // [batch, kv, seq, d]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, seq, kv, d])
+            .swap_dims(1, 2); // [batch, kv, seq, d]
+        let (q, k) = (rope.apply(q), rope.apply(k));
+        // **GQA**: each K/V head serves `h / kv` consecutive query heads.
+        let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv)); // [batch, h, seq, d]
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale); // [batch, h, seq, seq]
+        if let Some(cap) = self.softcap {
+            // **Attention soft-capping**, before the mask.
+            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        let scores = scores.mask_fill(
+            mask.unsqueeze::<4>().expand([batch, h, seq, seq]),
+            f32::NEG_INFINITY,
+        );
+        let dtype = scores.dtype();
+        let probs = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, h * d]); // [batch, seq, h * d]
+        self.o_proj.forward(out)
+    }
+}
+
+/// # Shapes
+/// `x`: `[batch, kv, seq, d]` → `[batch, kv * n_rep, seq, d]`
+fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, seq, d] = x.dims();
+    x.reshape([b, kv, 1, seq, d])
+        .expand([b, kv, n_rep, seq, d])
+        .reshape([b, kv * n_rep, seq, d])
+}
+
+/// **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(gelu_approximate(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One block with Gemma-2's **sandwich norms** around attention and around the feed-forward block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub pre_feedforward_layernorm: RmsNorm,
+    pub mlp: Mlp,
+    pub post_feedforward_layernorm: RmsNorm,
+    /// **Alternating sliding window**: `Some(window)` on local layers.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderLayer {
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        let x = x + self.post_attention_layernorm.forward(attn);
+        let ff = self
+            .mlp
+            .forward(self.pre_feedforward_layernorm.forward(x.clone()));
+        x + self.post_feedforward_layernorm.forward(ff)
+    }
+}
+
+/// The transformer body (`model.*` keys).
+#[derive(Module, Debug)]
+pub struct Gemma2Model {
+    pub embed_tokens: Param<Tensor<2>>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    #[module(skip)]
+    pub hidden_size: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+    #[module(skip)]
+    pub rope_theta: f64,
+}
+
+impl Gemma2Model {
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]` → hidden states `[batch, seq, hidden]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let [_, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let embed = self.embed_tokens.val();
+        let mut x = burn::tensor::module::embedding(embed, input_ids); // [batch, seq, hidden]
+        // **Embedding scale**: times sqrt(hidden); a scalar takes the tensor's dtype, so in bf16 the factor is
+        // rounded to bf16 first, as transformers does.
+        x = x.mul_scalar((self.hidden_size as f64).sqrt());
+        let rope = Rope::new(seq, self.head_dim, self.rope_theta, &device);
+        let full = attention_mask(seq, None, &device);
+        let mut local: Option<(usize, Tensor<2, Bool>)> = None;
+        for layer in &self.layers {
+            let mask = match layer.sliding_window {
+                Some(w) => match &local {
+                    Some((lw, m)) if *lw == w => m.clone(),
+                    _ => {
+                        let m = attention_mask(seq, Some(w), &device);
+                        local = Some((w, m.clone()));
+                        m
+                    }
+                },
+                None => full.clone(),
+            };
+            x = layer.forward(x, &rope, mask);
+        }
+        self.norm.forward(x)
+    }
+}
+
+/// `Gemma2ForSequenceClassification`.
+#[derive(Module, Debug)]
+pub struct Gemma2ForSequenceClassification {
+    pub model: Gemma2Model,
+    /// `[hidden, num_labels]` (checkpoint: `score.weight`, `[num_labels, hidden]`), no bias.
+    pub score: Linear,
+}
+
+impl Gemma2ForSequenceClassification {
+    /// Class logits of each row, from the hidden state of its last real token (`lengths[i] - 1`: rows are padded
+    /// on the right).
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]`, `last`: `[batch]` (index of the last non-padding token) → `[batch, num_labels]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, last: Tensor<1, Int>) -> Tensor<2> {
+        let hidden = self.model.forward(input_ids); // [batch, seq, hidden]
+        let [batch, _, width] = hidden.dims();
+        let index = last.reshape([batch, 1, 1]).expand([batch, 1, width]);
+        let pooled = hidden.gather(1, index).reshape([batch, width]); // [batch, hidden]
+        self.score.forward(pooled)
+    }
+
+    /// [`forward`](Self::forward) on a padded [`crate::batch::Batch`].
+    pub fn forward_batch(&self, batch: &crate::batch::Batch, device: &Device) -> Tensor<2> {
+        let (ids, last) = batch_tensors(batch, device);
+        self.forward(ids, last)
+    }
+}
+
+/// Input ids `[batch, seq]` and last-token indices `[batch]` of a padded batch.
+pub fn batch_tensors(
+    batch: &crate::batch::Batch,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<1, Int>) {
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(batch.input_ids.clone(), [batch.batch_size, batch.seq_len]),
+        device,
+    );
+    let last: Vec<i32> = batch
+        .lengths
+        .iter()
+        .map(|&l| l.saturating_sub(1) as i32)
+        .collect();
+    (
+        ids,
+        Tensor::<1, Int>::from_data(TensorData::new(last, [batch.batch_size]), device),
+    )
+}
+
+/// Where [`Gemma2Config::build`] gets each parameter, by Hugging Face key: fresh random values
+/// ([`RandomInit`]) or a checkpoint ([`super::load`]).
+pub trait ParamSource {
+    type Error;
+    /// A norm's weight (`[n]`, the offset from one).
+    fn norm(&mut self, key: &str, n: usize) -> Result<Tensor<1>, Self::Error>;
+    /// A bias-free Linear from `key`'s `[d_out, d_in]` weight.
+    fn linear(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Linear, Self::Error>;
+    /// The `[vocab, hidden]` embedding table.
+    fn embedding(
+        &mut self,
+        key: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Result<Tensor<2>, Self::Error>;
+    /// The classification head; a source without one may start it fresh.
+    fn head(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Linear, Self::Error> {
+        self.linear(key, d_in, d_out)
+    }
+}
+
+/// transformers' initialisation: normal(0, 0.02) weights and zero norm offsets, so every norm starts as the
+/// identity scale.
+pub struct RandomInit<'a> {
+    pub device: &'a Device,
+}
+
+impl RandomInit<'_> {
+    pub const STD: f64 = 0.02;
+    fn normal() -> Initializer {
+        Initializer::Normal {
+            mean: 0.0,
+            std: Self::STD,
+        }
+    }
+}
+
+impl ParamSource for RandomInit<'_> {
+    type Error = std::convert::Infallible;
+    fn norm(&mut self, _key: &str, n: usize) -> Result<Tensor<1>, Self::Error> {
+        Ok(Tensor::zeros([n], self.device))
+    }
+    fn linear(&mut self, _key: &str, d_in: usize, d_out: usize) -> Result<Linear, Self::Error> {
+        Ok(LinearConfig::new(d_in, d_out)
+            .with_bias(false)
+            .with_initializer(Self::normal())
+            .init(self.device))
+    }
+    fn embedding(
+        &mut self,
+        _key: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Result<Tensor<2>, Self::Error> {
+        Ok(Self::normal().init([vocab, hidden], self.device).val())
+    }
+}
+
+impl Gemma2Config {
+    /// A randomly initialised classifier (see [`RandomInit`]).
+    pub fn init(&self, device: &Device) -> Gemma2ForSequenceClassification {
+        match self.build(&mut RandomInit { device }) {
+            Ok(model) => model,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Builds the classifier, taking every parameter from `source` by its Hugging Face key.
+    pub fn build<S: ParamSource>(
+        &self,
+        source: &mut S,
+    ) -> Result<Gemma2ForSequenceClassification, S::Error> {
+        let (hidden, eps) = (self.hidden_size, self.rms_norm_eps);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        for (i, t) in self.layer_types.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mut norm = |name: &str| -> Result<RmsNorm, S::Error> {
+                Ok(RmsNorm::new(
+                    source.norm(&format!("{p}.{name}.weight"), hidden)?,
+                    eps,
+                ))
+            };
+            let input_layernorm = norm("input_layernorm")?;
+            let post_attention_layernorm = norm("post_attention_layernorm")?;
+            let pre_feedforward_layernorm = norm("pre_feedforward_layernorm")?;
+            let post_feedforward_layernorm = norm("post_feedforward_layernorm")?;
+            layers.push(DecoderLayer {
+                input_layernorm,
+                self_attn: Attention {
+                    q_proj: source.linear(&format!("{p}.self_attn.q_proj"), hidden, q)?,
+                    k_proj: source.linear(&format!("{p}.self_attn.k_proj"), hidden, kv)?,
+                    v_proj: source.linear(&format!("{p}.self_attn.v_proj"), hidden, kv)?,
+                    o_proj: source.linear(&format!("{p}.self_attn.o_proj"), q, hidden)?,
+                    num_heads: self.num_attention_heads,
+                    num_kv_heads: self.num_key_value_heads,
+                    head_dim: self.head_dim,
+                    scale: self.query_pre_attn_scalar.powf(-0.5),
+                    softcap: self.attn_logit_softcapping,
+                },
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                mlp: Mlp {
+                    gate_proj: source.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        hidden,
+                        self.intermediate_size,
+                    )?,
+                    up_proj: source.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        hidden,
+                        self.intermediate_size,
+                    )?,
+                    down_proj: source.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        self.intermediate_size,
+                        hidden,
+                    )?,
+                },
+                post_feedforward_layernorm,
+                sliding_window: (*t == LayerType::SlidingAttention).then_some(self.sliding_window),
+            });
+        }
+        Ok(Gemma2ForSequenceClassification {
+            model: Gemma2Model {
+                embed_tokens: Param::from_tensor(source.embedding(
+                    "model.embed_tokens.weight",
+                    self.vocab_size,
+                    hidden,
+                )?),
+                layers,
+                norm: RmsNorm::new(source.norm("model.norm.weight", hidden)?, eps),
+                hidden_size: hidden,
+                head_dim: self.head_dim,
+                rope_theta: self.rope_theta,
+            },
+            score: source.head("score", hidden, self.num_labels())?,
+        })
+    }
+}
+
+#[cfg(all(test, feature = "native"))]
+mod tests {
+    //! Each Gemma-2 detail alone, on the CPU backend. End-to-end equality with transformers, and each detail
+    //! against transformers with that detail switched off, are in `tests/tests/model_parity.rs`.
+    use burn::tensor::DType;
+
+    use super::*;
+
+    fn dev() -> Device {
+        Device::flex()
+    }
+
+    fn vec(t: Tensor<2>) -> Vec<f32> {
+        t.try_to_vec_as::<f32>().unwrap()
+    }
+
+    #[test]
+    fn rms_norm_scales_by_one_plus_weight() {
+        let x = [1.0f64, -2.0, 3.0, 0.5];
+        let w = [0.5f32, -1.0, 0.0, 2.0];
+        let norm = RmsNorm::new(
+            Tensor::from_data(TensorData::new(w.to_vec(), [4]), &dev()),
+            1e-6,
+        );
+        let input = Tensor::<3>::from_data(
+            TensorData::new(x.iter().map(|&v| v as f32).collect(), [1, 1, 4]),
+            &dev(),
+        );
+        let out = norm.forward(input).try_to_vec_as::<f32>().unwrap();
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / 4.0 + 1e-6).sqrt();
+        for k in 0..4 {
+            let expected = x[k] / rms * (1.0 + f64::from(w[k]));
+            assert!(
+                (f64::from(out[k]) - expected).abs() < 1e-6,
+                "{k}: {} vs {expected}",
+                out[k]
+            );
+        }
+        assert_eq!(
+            out[1], 0.0,
+            "weight -1 zeroes the channel: the scale is 1 + w, not w"
+        );
+    }
+
+    #[test]
+    fn embedding_scale_is_rounded_to_the_activation_dtype() {
+        // gemma-2-9b: sqrt(3584) = 59.87, which bf16 holds as 59.75; transformers multiplies by the rounded value.
+        let factor = 3584f64.sqrt();
+        let x = Tensor::<1>::ones([1], (&dev(), DType::BF16)).mul_scalar(factor);
+        let got = x.try_to_vec_as::<f32>().unwrap()[0];
+        assert_eq!(got, half::bf16::from_f64(factor).to_f32());
+        assert_ne!(got, factor as f32);
+    }
+
+    #[test]
+    fn sliding_window_hides_keys_window_or_more_back() {
+        let m = attention_mask(5, Some(2), &dev())
+            .try_to_vec_as::<bool>()
+            .unwrap();
+        // Row i may see j with i - 2 < j <= i.
+        let expected: Vec<bool> = (0..5)
+            .flat_map(|i| (0..5).map(move |j| !(j <= i && i < j + 2)))
+            .collect();
+        assert_eq!(m, expected);
+        let full = attention_mask(5, None, &dev())
+            .try_to_vec_as::<bool>()
+            .unwrap();
+        assert_eq!(
+            full,
+            (0..5)
+                .flat_map(|i| (0..5).map(move |j| j > i))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            attention_mask(5, Some(8), &dev())
+                .try_to_vec_as::<bool>()
+                .unwrap(),
+            full
+        );
+    }
+
+    #[test]
+    fn gqa_shares_each_kv_head_with_consecutive_query_heads() {
+        // Two KV heads [a, b], four query heads: [a, a, b, b] (transformers' repeat_kv), not [a, b, a, b].
+        let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &dev());
+        assert_eq!(
+            repeat_kv(x, 2).try_to_vec_as::<f32>().unwrap(),
+            [1.0, 1.0, 2.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn geglu_uses_the_tanh_approximation_of_gelu() {
+        let x = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, -0.5], [2]), &dev());
+        let got = gelu_approximate(x).try_to_vec_as::<f32>().unwrap();
+        let tanh_gelu = |v: f64| {
+            0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+        };
+        assert!((f64::from(got[0]) - tanh_gelu(1.0)).abs() < 1e-6);
+        assert!((f64::from(got[1]) - tanh_gelu(-0.5)).abs() < 1e-6);
+        // The erf GELU differs at this precision: 0.841345 vs 0.841192.
+        assert!((f64::from(got[0]) - 0.841_344_7).abs() > 1e-4);
+    }
+
+    #[test]
+    fn rope_rotates_dimension_i_with_i_plus_half() {
+        let (seq, d) = (3, 4);
+        let rope = Rope::new(seq, d, 10_000.0, &dev());
+        let x: Vec<f32> = (0..seq * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let out = rope.apply(Tensor::<4>::from_data(
+            TensorData::new(x.clone(), [1, 1, seq, d]),
+            &dev(),
+        ));
+        let out = out.try_to_vec_as::<f32>().unwrap();
+        for pos in 0..seq {
+            for i in 0..d / 2 {
+                let angle = pos as f64 / 10_000f64.powf((2 * i) as f64 / d as f64);
+                let (a, b) = (f64::from(x[pos * d + i]), f64::from(x[pos * d + i + d / 2]));
+                let (ra, rb) = (
+                    a * angle.cos() - b * angle.sin(),
+                    b * angle.cos() + a * angle.sin(),
+                );
+                assert!(
+                    (f64::from(out[pos * d + i]) - ra).abs() < 1e-5,
+                    "pos {pos} dim {i}"
+                );
+                assert!(
+                    (f64::from(out[pos * d + i + d / 2]) - rb).abs() < 1e-5,
+                    "pos {pos} dim {}",
+                    i + d / 2
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_scale_comes_from_query_pre_attn_scalar() {
+        let config = Gemma2Config {
+            vocab_size: 8,
+            ..Gemma2Config::tiny()
+        };
+        assert_ne!(config.query_pre_attn_scalar, config.head_dim as f64);
+        let model = config.init(&dev());
+        assert_eq!(
+            model.model.layers[0].self_attn.scale,
+            config.query_pre_attn_scalar.powf(-0.5)
+        );
+        assert_eq!(
+            model.model.layers[0].sliding_window,
+            Some(config.sliding_window)
+        );
+        assert_eq!(model.model.layers[1].sliding_window, None);
+    }
+
+    #[test]
+    fn soft_capping_bounds_scores_before_the_mask() {
+        let config = Gemma2Config {
+            vocab_size: 8,
+            ..Gemma2Config::tiny()
+        };
+        let mut model = config.init(&dev());
+        let attn = &mut model.model.layers[1].self_attn;
+        // Huge query/key weights: uncapped scores would make attention one-hot; capped at 5 they cannot.
+        let big = |l: &Linear| Linear {
+            weight: Param::from_tensor(l.weight.val().mul_scalar(400.0)),
+            bias: None,
+        };
+        attn.q_proj = big(&attn.q_proj);
+        attn.k_proj = big(&attn.k_proj);
+        let x = Tensor::<3>::random(
+            [1, 6, 32],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &dev(),
+        );
+        let rope = Rope::new(6, 16, 10_000.0, &dev());
+        let mask = attention_mask(6, None, &dev());
+        let capped = attn.forward(x.clone(), &rope, mask.clone());
+        attn.softcap = None;
+        let uncapped = attn.forward(x, &rope, mask);
+        let diff = vec((capped - uncapped).abs().reshape([1, 6 * 32]));
+        assert!(
+            diff.iter().any(|d| *d > 1e-3),
+            "the cap must change the output"
+        );
+    }
+
+    #[test]
+    fn classifier_pools_the_last_real_token_of_each_row() {
+        let config = Gemma2Config {
+            vocab_size: 16,
+            ..Gemma2Config::tiny()
+        };
+        let model = config.init(&dev());
+        let rows: [&[u32]; 2] = [&[2, 5, 6, 7, 1], &[2, 9, 1]];
+        let batch = crate::batch::collate(&rows, 0);
+        let together = vec(model.forward_batch(&batch, &dev()));
+        for (i, row) in rows.iter().enumerate() {
+            let alone = vec(model.forward_batch(&crate::batch::collate(&[row], 0), &dev()));
+            for k in 0..2 {
+                assert!(
+                    (together[i * 2 + k] - alone[k]).abs() < 1e-5,
+                    "row {i}: padding changed its logits"
+                );
+            }
+        }
+    }
+}

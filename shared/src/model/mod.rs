@@ -1,0 +1,9 @@
+//! The Gemma-2 sequence classifier: configuration, modules, and Hugging Face checkpoint loading.
+
+pub mod config;
+pub mod gemma2;
+pub mod load;
+pub mod weights;
+
+pub use config::{Gemma2Config, LayerType};
+pub use gemma2::Gemma2ForSequenceClassification;

@@ -1,0 +1,163 @@
+//! Reading Hugging Face safetensors checkpoints: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`; f32, bf16 or f16 (converted to f32 on the way in).
+
+use std::collections::BTreeMap;
+
+use safetensors::{Dtype, SafeTensors};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{file}: cannot read: {message}")]
+    Io { file: String, message: String },
+    #[error("{file}: not a valid safetensors file: {message}")]
+    Safetensors { file: String, message: String },
+    #[error("{file}: not a valid index: {message}")]
+    Index { file: String, message: String },
+    #[error("{dir}: no model.safetensors and no model.safetensors.index.json")]
+    NoWeights { dir: String },
+    #[error("checkpoint is missing tensor {key:?} (expected shape {expected:?})")]
+    Missing { key: String, expected: Vec<usize> },
+    #[error("checkpoint has unexpected tensor(s): {keys}")]
+    Unexpected { keys: String },
+    #[error("tensor {key:?} has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        key: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16 or F16")]
+    Dtype {
+        file: String,
+        key: String,
+        dtype: String,
+    },
+}
+
+/// The tensors of a checkpoint, by Hugging Face key.
+pub struct Checkpoint {
+    /// `(file name, bytes)` of each shard.
+    shards: Vec<(String, Vec<u8>)>,
+    /// Key → shard index.
+    keys: BTreeMap<String, usize>,
+}
+
+/// The `weight_map` of a sharded checkpoint's index.
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Reads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    #[cfg(feature = "native")]
+    pub fn open_dir(dir: &std::path::Path) -> Result<Self, WeightsError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| WeightsError::Io {
+                file: p.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Self::from_files(vec![(single.display().to_string(), read(&single)?)]);
+        }
+        let index_path = dir.join("model.safetensors.index.json");
+        if !index_path.is_file() {
+            return Err(WeightsError::NoWeights {
+                dir: dir.display().to_string(),
+            });
+        }
+        let index: Index =
+            serde_json::from_slice(&read(&index_path)?).map_err(|e| WeightsError::Index {
+                file: index_path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let files: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
+        let mut shards = Vec::new();
+        for f in files {
+            let p = dir.join(f);
+            shards.push((p.display().to_string(), read(&p)?));
+        }
+        let checkpoint = Self::from_files(shards)?;
+        for (key, file) in &index.weight_map {
+            if !checkpoint.keys.contains_key(key) {
+                return Err(WeightsError::Index {
+                    file: index_path.display().to_string(),
+                    message: format!("{key:?} is listed in {file} but not stored there"),
+                });
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    /// A checkpoint from in-memory safetensors files (the browser fetches them).
+    pub fn from_files(shards: Vec<(String, Vec<u8>)>) -> Result<Self, WeightsError> {
+        let mut keys = BTreeMap::new();
+        for (i, (file, bytes)) in shards.iter().enumerate() {
+            let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
+                file: file.clone(),
+                message: e.to_string(),
+            })?;
+            for name in st.names() {
+                keys.insert(name.to_string(), i);
+            }
+        }
+        Ok(Self { shards, keys })
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// The tensor `key` as f32 values, checked against `expected` shape.
+    pub fn f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        let Some(&shard) = self.keys.get(key) else {
+            return Err(WeightsError::Missing {
+                key: key.into(),
+                expected: expected.to_vec(),
+            });
+        };
+        let (file, bytes) = &self.shards[shard];
+        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        let view = st.tensor(key).map_err(|e| WeightsError::Safetensors {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        if view.shape() != expected {
+            return Err(WeightsError::Shape {
+                key: key.into(),
+                expected: expected.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        let data = view.data();
+        Ok(match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(WeightsError::Dtype {
+                    file: file.clone(),
+                    key: key.into(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        })
+    }
+}

@@ -1,0 +1,172 @@
+//! Scoring comparisons with a classifier: preprocessing exactly as `prepare` does, length-sorted batches,
+//! optional swap test-time augmentation, and the metrics of labelled data.
+
+use rayon::prelude::*;
+
+use burn::tensor::Device;
+use burn::tensor::activation::softmax;
+
+use crate::batch::collate;
+use crate::data::{Label, Record};
+use crate::model::Gemma2ForSequenceClassification;
+use crate::prepare::Progress;
+use crate::preprocess::{Example, PreprocessConfig, preprocess_record};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error("row {row} (id {id}): {source}")]
+    Tokenize {
+        row: usize,
+        id: String,
+        #[source]
+        source: TokenizerError,
+    },
+    #[error("reading model output: {0}")]
+    Read(String),
+    #[error("{path}: cannot write predictions: {message}")]
+    Write { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PredictOptions {
+    pub batch_size: usize,
+    /// Also score each pair with the responses swapped and average P(A) with the swapped run's P(B).
+    pub swap_tta: bool,
+}
+
+/// Class probabilities of every record, in record order (`[P(model_a), P(model_b)]` for the recipe's classes).
+pub fn predict(
+    model: &Gemma2ForSequenceClassification,
+    tokenizer: &Tokenizer,
+    config: &PreprocessConfig,
+    records: &[Record],
+    options: PredictOptions,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<f32>>, PredictError> {
+    let encode = |swap: bool| -> Result<Vec<Example>, PredictError> {
+        records
+            .par_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                preprocess_record(tokenizer, config, r, swap).map_err(|source| {
+                    PredictError::Tokenize {
+                        row: i + 1,
+                        id: r.id.clone(),
+                        source,
+                    }
+                })
+            })
+            .collect()
+    };
+    let passes = if options.swap_tta { 2 } else { 1 };
+    progress.start("scoring", (records.len() * passes) as u64);
+    let straight = score(model, &encode(false)?, options.batch_size, device, progress)?;
+    let probs = if options.swap_tta {
+        let swapped = score(model, &encode(true)?, options.batch_size, device, progress)?;
+        straight
+            .iter()
+            .zip(&swapped)
+            .map(|(p, s)| {
+                p.iter()
+                    .zip(s.iter().rev())
+                    .map(|(a, b)| (a + b) / 2.0)
+                    .collect()
+            })
+            .collect()
+    } else {
+        straight
+    };
+    progress.finish();
+    Ok(probs)
+}
+
+/// Softmax probabilities of each example, in input order; batches hold rows of similar length.
+fn score(
+    model: &Gemma2ForSequenceClassification,
+    examples: &[Example],
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<f32>>, PredictError> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+    let mut out = vec![Vec::new(); examples.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let rows: Vec<&[u32]> = chunk
+            .iter()
+            .map(|&i| examples[i].input_ids.as_slice())
+            .collect();
+        let logits = model.forward_batch(&collate(&rows, 0), device);
+        let probs = softmax(logits, 1)
+            .try_to_vec_as::<f32>()
+            .map_err(|e| PredictError::Read(format!("{e:?}")))?;
+        let classes = probs.len() / chunk.len();
+        for (k, &i) in chunk.iter().enumerate() {
+            out[i] = probs[k * classes..(k + 1) * classes].to_vec();
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// Accuracy and log loss on the rows labelled model_a or model_b (ties cannot be scored by a two-class model).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BinaryMetrics {
+    pub rows: usize,
+    pub ties_skipped: usize,
+    pub accuracy: f64,
+    pub log_loss: f64,
+}
+
+pub fn binary_metrics(probs: &[Vec<f32>], labels: &[Label]) -> Option<BinaryMetrics> {
+    let (mut n, mut ties, mut correct, mut loss) = (0usize, 0usize, 0usize, 0f64);
+    for (p, label) in probs.iter().zip(labels) {
+        let y = match label {
+            Label::Tie => {
+                ties += 1;
+                continue;
+            }
+            l => l.index(),
+        };
+        n += 1;
+        let predicted = if p[1] > p[0] { 1 } else { 0 };
+        correct += usize::from(predicted == y);
+        loss -= f64::from(p[y]).clamp(1e-15, 1.0).ln();
+    }
+    (n > 0).then(|| BinaryMetrics {
+        rows: n,
+        ties_skipped: ties,
+        accuracy: correct as f64 / n as f64,
+        log_loss: loss / n as f64,
+    })
+}
+
+/// Writes the Kaggle-style `id,winner,prob_model_a,prob_model_b` file.
+pub fn write_predictions_csv(
+    path: &std::path::Path,
+    records: &[Record],
+    probs: &[Vec<f32>],
+    labels: &[String],
+) -> Result<(), PredictError> {
+    let err = |message: String| PredictError::Write {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header = vec!["id".to_string(), "winner".to_string()];
+    header.extend(labels.iter().map(|l| format!("prob_{l}")));
+    w.write_record(&header).map_err(|e| err(e.to_string()))?;
+    for (r, p) in records.iter().zip(probs) {
+        let best = p
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, v)| if *v > p[b] { i } else { b });
+        let mut row = vec![r.id.clone(), labels.get(best).cloned().unwrap_or_default()];
+        row.extend(p.iter().map(|v| format!("{v:.6}")));
+        w.write_record(&row).map_err(|e| err(e.to_string()))?;
+    }
+    let bytes = w.into_inner().map_err(|e| err(e.to_string()))?;
+    crate::cache::write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+}
