@@ -99,6 +99,37 @@ fn tiny_model_matches_transformers_on_wgpu() {
 }
 
 #[test]
+fn half_precision_stays_close_to_transformers_f32() {
+    let device = Device::flex();
+    let expected = tiny_expected();
+    let model = load_hf_dir(&tiny_dir(), &device)
+        .unwrap()
+        .model
+        .cast(burn::tensor::FloatDType::F16);
+    assert_eq!(
+        model.model.embed_tokens.val().dtype(),
+        burn::tensor::DType::F16
+    );
+    let rows: Vec<&[u32]> = expected
+        .rows
+        .iter()
+        .map(|r| r.input_ids.as_slice())
+        .collect();
+    let got = logits(&model, &rows, &device);
+    let mut worst = 0f32;
+    for (g, r) in got.iter().zip(&expected.rows) {
+        for (a, b) in g.iter().zip(&r.logits) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst < 5e-2,
+        "f16 logits drift {worst} from transformers' f32"
+    );
+    assert!(worst > 0.0, "the model must really run in f16");
+}
+
+#[test]
 fn each_detail_matters_and_matches_transformers_without_it() {
     let device = Device::flex();
     let expected = tiny_expected();

@@ -55,9 +55,19 @@ struct PredictArgs {
     /// A tokenizer.json to use instead of the model directory's.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Precision of weights and activations: auto is f16 on a wgpu adapter that supports it, else f32.
+    #[arg(long, default_value = "auto")]
+    dtype: DtypeArg,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum DeviceArg {
     Wgpu,
     Cpu,
@@ -128,7 +138,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,wgpu_hal=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -220,6 +231,20 @@ fn run_predict(args: PredictArgs) -> Result<()> {
             args.model.display()
         );
     }
+    let f16 = burn::tensor::FloatDType::F16;
+    let half = match args.dtype {
+        DtypeArg::F32 => false,
+        DtypeArg::F16 => true,
+        DtypeArg::Auto => args.device == DeviceArg::Wgpu && device.supports_dtype(f16),
+    };
+    if half && !device.supports_dtype(f16) {
+        bail!("this device does not support f16; use --dtype f32");
+    }
+    let model = if half {
+        loaded.model.cast(f16)
+    } else {
+        loaded.model
+    };
     let tokenizer_path = args
         .tokenizer
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
@@ -233,7 +258,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     };
     let bar = Bar::default();
     let probs = shared::predict::predict(
-        &loaded.model,
+        &model,
         &tokenizer,
         &PreprocessConfig::default(),
         &records,
@@ -243,9 +268,10 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     )?;
     shared::predict::write_predictions_csv(&args.out, &records, &probs, &loaded.config.labels)?;
     println!(
-        "scored {} rows in {:.1}s{}; predictions: {}",
+        "scored {} rows in {:.1}s ({}){}; predictions: {}",
         records.len(),
         started.elapsed().as_secs_f64(),
+        if half { "f16" } else { "f32" },
         if args.swap_tta { " with swap-TTA" } else { "" },
         args.out.display()
     );

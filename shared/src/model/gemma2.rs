@@ -706,3 +706,21 @@ mod tests {
         }
     }
 }
+
+/// Casts every float parameter (for half precision: `FloatDType::F16` or `BF16`).
+struct CastFloats(FloatDType);
+
+impl burn::module::ModuleMapper for CastFloats {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(move |t| t.cast(dtype))
+    }
+}
+
+impl Gemma2ForSequenceClassification {
+    /// The model with its weights in `dtype`. Activations follow the weights; norms and softmax still compute in
+    /// f32.
+    pub fn cast(self, dtype: FloatDType) -> Self {
+        self.map(&mut CastFloats(dtype))
+    }
+}
