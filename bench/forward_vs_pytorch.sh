@@ -13,12 +13,15 @@ DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-512}
 ITERS=${ITERS:-3}
-VENV=.cache/bench-venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch "transformers==5.24.0" safetensors
+# PY may name a Python that already has torch and transformers; else a venv is made under .cache/.
+if [ -z "${PY:-}" ]; then
+  VENV=.cache/bench-venv
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q torch "transformers==5.24.0" safetensors
+  fi
+  PY="$VENV/bin/python"
 fi
-PY="$VENV/bin/python"
 MODEL="bench/out/gemma2-$PRESET"
 [ -f "$MODEL/config.json" ] || "$PY" bench/forward_vs_pytorch.py make "$MODEL" --preset "$PRESET"
 cargo build -q --release -p trainer --example bench_forward

@@ -10,6 +10,9 @@ Its config makes every Gemma-2 detail matter: a sliding window shorter than the 
 bites, norm weights far from zero, query_pre_attn_scalar != head_dim, fewer KV heads than query heads. Embedding
 rows of tokens the rows never use are zero, so the file stays small in git.
 
+With --large it writes a bigger model (hidden 256, 6 layers) the same way to .cache/fixtures/gemma2-large, for the
+ignored test `large_model_matches_transformers` (cargo test -- --ignored).
+
 tests/fixtures/gemma2-dtypes/: a smaller model (vocabulary 512) saved in f32, bf16, f16 and sharded, and the
 logits transformers computes (in f32) from each, on random ids with right padding.
 """
@@ -29,17 +32,20 @@ TINY = "tests/fixtures/gemma2-tiny"
 DTYPES = "tests/fixtures/gemma2-dtypes"
 
 
-def config(vocab_size):
+SIZES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=16),
+    # --large: not committed (about 1 GB); written under .cache/ for the ignored test.
+    "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=48, sliding_window=64),
+}
+LARGE = ".cache/fixtures/gemma2-large"
+
+
+def config(vocab_size, size="tiny"):
     return Gemma2Config(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=24,
-        sliding_window=16,
+        **SIZES[size],
         attn_logit_softcapping=5.0,
         final_logit_softcapping=30.0,
         max_position_embeddings=8192,
@@ -89,7 +95,7 @@ def logits_of(model, rows, pad_id):
         return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
-def make_tiny():
+def make_tiny(size="tiny", out=TINY):
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     df = load("data/arena-sample.parquet")
     # Rows of different lengths, some cut at 512, so padding, pooling and the window all matter.
@@ -105,10 +111,10 @@ def make_tiny():
         ids_rows.append(ids)
     used = {t for r in ids_rows for t in r} | {0, 1, 2}
     torch.manual_seed(0)
-    model = Gemma2ForSequenceClassification(config(256000)).eval()
+    model = Gemma2ForSequenceClassification(config(256000, size)).eval()
     randomize(model, used)
-    shutil.rmtree(TINY, ignore_errors=True)
-    model.save_pretrained(TINY, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
     # The tokenizer (17 MB) is not committed twice: tests add .cache/tokenizer-gemma/tokenizer.json to a copy.
     logits = logits_of(model, ids_rows, 0)
     # Each row alone too: padding must not change a row's logits.
@@ -144,9 +150,9 @@ def make_tiny():
             if change[0] == "sliding_window":
                 layer.self_attn.sliding_window = old
     assert torch.allclose(logits_of(model, ids_rows, 0), logits), "ablations must be undone"
-    with open(f"{TINY}/expected.json", "w") as f:
+    with open(f"{out}/expected.json", "w") as f:
         json.dump({"generator": "scripts/make_model_fixture.py", "rows": rows, "ablations": ablations}, f)
-    print(f"wrote {TINY}: {os.path.getsize(TINY + '/model.safetensors')} bytes of weights")
+    print(f"wrote {out}: {os.path.getsize(out + '/model.safetensors')} bytes of weights")
 
 
 def make_dtypes():
@@ -180,5 +186,8 @@ def make_dtypes():
 
 
 if __name__ == "__main__":
-    make_tiny()
-    make_dtypes()
+    if "--large" in sys.argv:
+        make_tiny("large", LARGE)
+    else:
+        make_tiny()
+        make_dtypes()

@@ -33,7 +33,11 @@ fn tiny_dir() -> PathBuf {
 }
 
 fn tiny_expected() -> TinyExpected {
-    serde_json::from_slice(&std::fs::read(tiny_dir().join("expected.json")).unwrap()).unwrap()
+    expected_in(&tiny_dir())
+}
+
+fn expected_in(dir: &Path) -> TinyExpected {
+    serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap()
 }
 
 fn logits(
@@ -60,8 +64,12 @@ fn assert_close(got: &[Vec<f32>], expected: &[Vec<f32>], what: &str) {
 }
 
 fn check_tiny(device: &Device) {
-    let expected = tiny_expected();
-    let loaded = load_hf_dir(&tiny_dir(), device).unwrap();
+    check_against_transformers(&tiny_dir(), device);
+}
+
+fn check_against_transformers(dir: &Path, device: &Device) {
+    let expected = expected_in(dir);
+    let loaded = load_hf_dir(dir, device).unwrap();
     assert!(!loaded.fresh_head);
     assert_eq!(loaded.config.labels, ["model_a", "model_b"]);
     let rows: Vec<&[u32]> = expected
@@ -96,6 +104,17 @@ fn tiny_model_matches_transformers_on_the_cpu_backend() {
 fn tiny_model_matches_transformers_on_wgpu() {
     // On a machine without a GPU this runs on Mesa's lavapipe (Vulkan on the CPU).
     check_tiny(&Device::wgpu(Default::default()));
+}
+
+#[test]
+#[ignore = "needs the large fixture: /tmp/venv/bin/python scripts/make_model_fixture.py --large"]
+fn large_model_matches_transformers() {
+    let dir = root().join(".cache/fixtures/gemma2-large");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "run scripts/make_model_fixture.py --large first"
+    );
+    check_against_transformers(&dir, &Device::flex());
 }
 
 #[test]
