@@ -5,11 +5,14 @@
 //! - [`tokenizer`], [`truncate`], [`preprocess`]: the reference recipe's text preprocessing, token for token;
 //! - [`batch`]: dynamic padding and length-grouped batches;
 //! - with the `native` feature, [`cache`] and [`prepare`]: the on-disk prepared-data cache and its multi-core
-//!   builder.
+//!   builder;
+//! - [`model`]: the Gemma-2 classifier and its LoRA adapters; [`plot`]: SVG pictures of a run;
+//! - with `native`, [`train`], [`report`], [`export`]: fine-tuning, the evaluation report, merged export.
 
 pub mod batch;
 pub mod data;
 pub mod model;
+pub mod plot;
 pub mod preprocess;
 pub mod split;
 pub mod tokenizer;
@@ -18,6 +21,12 @@ pub mod truncate;
 #[cfg(feature = "native")]
 pub mod cache;
 #[cfg(feature = "native")]
+pub mod export;
+#[cfg(feature = "native")]
 pub mod predict;
 #[cfg(feature = "native")]
 pub mod prepare;
+#[cfg(feature = "native")]
+pub mod report;
+#[cfg(feature = "native")]
+pub mod train;

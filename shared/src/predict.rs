@@ -45,6 +45,25 @@ pub fn predict(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f32>>, PredictError> {
+    let (straight, swapped) =
+        predict_both(model, tokenizer, config, records, options, device, progress)?;
+    Ok(match swapped {
+        Some(swapped) => swap_average(&straight, &swapped),
+        None => straight,
+    })
+}
+
+/// The straight probabilities and, with `swap_tta`, those of the swapped pairs (whose classes are the swapped
+/// answers: `swapped[i][0]` is P(original B wins)).
+pub fn predict_both(
+    model: &Gemma2ForSequenceClassification,
+    tokenizer: &Tokenizer,
+    config: &PreprocessConfig,
+    records: &[Record],
+    options: PredictOptions,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<(Vec<Vec<f32>>, Option<Vec<Vec<f32>>>), PredictError> {
     let encode = |swap: bool| -> Result<Vec<Example>, PredictError> {
         records
             .par_iter()
@@ -63,23 +82,37 @@ pub fn predict(
     let passes = if options.swap_tta { 2 } else { 1 };
     progress.start("scoring", (records.len() * passes) as u64);
     let straight = score(model, &encode(false)?, options.batch_size, device, progress)?;
-    let probs = if options.swap_tta {
-        let swapped = score(model, &encode(true)?, options.batch_size, device, progress)?;
-        straight
-            .iter()
-            .zip(&swapped)
-            .map(|(p, s)| {
-                p.iter()
-                    .zip(s.iter().rev())
-                    .map(|(a, b)| (a + b) / 2.0)
-                    .collect()
-            })
-            .collect()
+    let swapped = if options.swap_tta {
+        Some(score(
+            model,
+            &encode(true)?,
+            options.batch_size,
+            device,
+            progress,
+        )?)
     } else {
-        straight
+        None
     };
     progress.finish();
-    Ok(probs)
+    Ok((straight, swapped))
+}
+
+/// Swap test-time augmentation: each class's probability averaged with the swapped run's probability of the
+/// same answer.
+pub fn swap_average(straight: &[Vec<f32>], swapped: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    straight
+        .iter()
+        .zip(swapped)
+        .map(|(p, s)| {
+            // Swapping the responses exchanges classes 0 and 1; any further class (tie) keeps its place.
+            (0..p.len())
+                .map(|i| {
+                    let j = if i < 2 { 1 - i } else { i };
+                    (p[i] + s.get(j).copied().unwrap_or(p[i])) / 2.0
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Softmax probabilities of each example, in input order; batches hold rows of similar length.

@@ -123,14 +123,7 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         }
         .into());
     }
-    let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
-    let kept = if req.settings.sample_percent < 100.0 {
-        stratified_sample(&labels, req.settings.sample_percent, req.settings.seed)?
-    } else {
-        (0..records.len()).collect()
-    };
-    let kept_labels: Vec<Label> = kept.iter().map(|&i| labels[i]).collect();
-    let splits = stratified_split(&kept_labels, req.settings.ratios, req.settings.seed)?;
+    let (kept, splits) = choose_rows(&records, &req.settings)?;
 
     progress.start("tokenizing", kept.len() as u64);
     let examples: Vec<Example> =
@@ -219,6 +212,49 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         manifest,
         reused: false,
     })
+}
+
+/// The seeded subsample (indices into `records`, ties already dropped) and its train/val/test split, indices
+/// into the subsample.
+fn choose_rows(
+    records: &[Record],
+    settings: &PrepareSettings,
+) -> Result<(Vec<usize>, crate::split::Splits), PrepareError> {
+    let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
+    let kept = if settings.sample_percent < 100.0 {
+        stratified_sample(&labels, settings.sample_percent, settings.seed)?
+    } else {
+        (0..records.len()).collect()
+    };
+    let kept_labels: Vec<Label> = kept.iter().map(|&i| labels[i]).collect();
+    let splits = stratified_split(&kept_labels, settings.ratios, settings.seed)?;
+    Ok((kept, splits))
+}
+
+/// The records of one split (`train`, `val` or `test`) of a data file, exactly the rows and order `prepare`
+/// writes for the same settings. Evaluation uses it to get the text back (to score swapped pairs).
+pub fn split_records(
+    data: &std::path::Path,
+    settings: &PrepareSettings,
+    split: &str,
+) -> Result<Vec<Record>, PrepareError> {
+    let Dataset { records, .. } = load_file(data, settings.format)?;
+    let (records, ties_dropped) = drop_ties(records, settings.keep_ties);
+    if records.is_empty() {
+        return Err(DataError::NoRows {
+            file: data.display().to_string(),
+            reason: format!("after dropping {ties_dropped} ties"),
+        }
+        .into());
+    }
+    let (kept, splits) = choose_rows(&records, settings)?;
+    let idx = splits
+        .named()
+        .into_iter()
+        .find(|(name, _)| *name == split)
+        .map(|(_, idx)| idx.to_vec())
+        .unwrap_or_default();
+    Ok(idx.into_iter().map(|k| records[kept[k]].clone()).collect())
 }
 
 /// Removes ties unless they are kept as a class; returns the rows and how many were dropped.

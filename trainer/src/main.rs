@@ -12,6 +12,8 @@ use shared::prepare::{PrepareRequest, Progress, prepare};
 use shared::preprocess::PreprocessConfig;
 use shared::split::SplitRatios;
 
+mod run;
+
 #[derive(Parser)]
 #[command(
     name = "trainer",
@@ -29,6 +31,198 @@ enum Command {
     Prepare(PrepareArgs),
     /// Score comparisons with a Gemma-2 classifier and write a Kaggle-style predictions CSV.
     Predict(PredictArgs),
+    /// Fine-tune a Gemma-2 classifier with LoRA (the reference recipe by default), or resume a run.
+    Train(TrainArgs),
+    /// Evaluate a run (or a model directory): accuracy, log loss, per language, confusion, position bias, TTA.
+    Eval(EvalArgs),
+    /// Merge a run's LoRA adapters and write a Hugging Face directory and the web bundle.
+    Export(ExportArgs),
+    /// The whole pipeline on the bundled sample in minutes: prepare, train a small random model, eval, export.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Run directory (checkpoints, logs, pictures).
+    #[arg(long)]
+    out: PathBuf,
+    /// Arena data to prepare into OUT/prepared (or give --prepared).
+    #[arg(long, required_unless_present_any = ["prepared", "resume"])]
+    data: Option<PathBuf>,
+    /// A cache written by `trainer prepare`.
+    #[arg(long, conflicts_with = "data")]
+    prepared: Option<PathBuf>,
+    /// Base model: a Hugging Face Gemma-2 directory (google/gemma-2-2b, or a classifier).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A randomly initialised model instead of --model (for tests and demos; it learns little).
+    #[arg(long, value_enum, conflicts_with = "model")]
+    preset: Option<PresetArg>,
+    /// Training settings, TOML or JSON (any subset of the fields; the rest are the recipe's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in OUT from its newest checkpoint, with its saved settings.
+    #[arg(long)]
+    resume: bool,
+    /// wgpu (any GPU; Mesa's lavapipe without one) or cpu.
+    #[arg(long, default_value = "wgpu")]
+    device: DeviceArg,
+    /// A tokenizer.json (default: the model directory's, else the bundled Gemma tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+/// Flags that override single training settings (after --config).
+#[derive(clap::Args, Default)]
+struct Overrides {
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    eval_steps: Option<usize>,
+    #[arg(long)]
+    save_steps: Option<usize>,
+    #[arg(long)]
+    logging_steps: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated projection names, e.g. q_proj,k_proj,v_proj,o_proj.
+    #[arg(long)]
+    lora_targets: Option<String>,
+    #[arg(long)]
+    lora_first_layer: Option<usize>,
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    Auto,
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PresetArg {
+    /// The demo's small model with Gemma's 256k vocabulary.
+    Demo,
+    /// The unit-test model (32 wide, 2 layers).
+    Tiny,
+}
+
+impl Overrides {
+    fn any(&self) -> bool {
+        self.learning_rate.is_some()
+            || self.epochs.is_some()
+            || self.max_steps.is_some()
+            || self.batch_size.is_some()
+            || self.grad_accum.is_some()
+            || self.eval_steps.is_some()
+            || self.save_steps.is_some()
+            || self.logging_steps.is_some()
+            || self.seed.is_some()
+            || self.lora_r.is_some()
+            || self.lora_alpha.is_some()
+            || self.lora_dropout.is_some()
+            || self.lora_targets.is_some()
+            || self.lora_first_layer.is_some()
+            || self.precision.is_some()
+    }
+
+    fn apply(&self, c: &mut shared::train::TrainConfig) {
+        macro_rules! set {
+            ($($field:ident => $target:expr),*) => {$(if let Some(v) = self.$field.clone() { $target = v; })*};
+        }
+        set!(learning_rate => c.learning_rate, epochs => c.epochs, batch_size => c.batch_size,
+             grad_accum => c.grad_accum, eval_steps => c.eval_steps, save_steps => c.save_steps,
+             logging_steps => c.logging_steps, seed => c.seed, lora_r => c.lora.r, lora_alpha => c.lora.alpha,
+             lora_dropout => c.lora.dropout, lora_first_layer => c.lora.first_layer);
+        if self.max_steps.is_some() {
+            c.max_steps = self.max_steps;
+        }
+        if let Some(t) = &self.lora_targets {
+            c.lora.targets = t
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(p) = self.precision {
+            c.precision = match p {
+                PrecisionArg::Auto => shared::train::Precision::Auto,
+                PrecisionArg::F32 => shared::train::Precision::F32,
+                PrecisionArg::F16 => shared::train::Precision::F16,
+            };
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A training run (its base model with the best adapters).
+    #[arg(long, required_unless_present = "model")]
+    run: Option<PathBuf>,
+    /// A Hugging Face model directory instead (e.g. a run's export/hf).
+    #[arg(long, conflicts_with = "run")]
+    model: Option<PathBuf>,
+    /// Labelled data to evaluate on (default for --run: its test split).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which split of the run's data, without --data.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Report directory (default: RUN/eval or MODEL/eval).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value = "wgpu")]
+    device: DeviceArg,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// A training run.
+    #[arg(long)]
+    run: PathBuf,
+    /// Output directory (default: RUN/export), with hf/ and web/ inside.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write int8 weights (per-row scales) for the browser: a quarter of f32's download.
+    #[arg(long)]
+    int8: bool,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// The bundled sample by default.
+    #[arg(long, default_value = "data/arena-sample.parquet")]
+    data: PathBuf,
+    /// cpu is fastest for the demo's small model on a machine without GPU.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+    /// Stop after this many steps (default: two epochs of the sample).
+    #[arg(long)]
+    max_steps: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -146,7 +340,137 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Prepare(args) => run_prepare(args),
         Command::Predict(args) => run_predict(args),
+        Command::Train(args) => cmd_train(args),
+        Command::Eval(args) => cmd_eval(args),
+        Command::Export(args) => cmd_export(args),
+        Command::Demo(args) => cmd_demo(args),
     }
+}
+
+fn cmd_train(args: TrainArgs) -> Result<()> {
+    if args.resume && (args.overrides.any() || args.config.is_some()) {
+        bail!(
+            "--resume continues with the run's saved settings; drop --config and the setting flags"
+        );
+    }
+    let mut config = match &args.config {
+        Some(p) => shared::train::TrainConfig::from_file(p)?,
+        None => shared::train::TrainConfig::default(),
+    };
+    args.overrides.apply(&mut config);
+    config.validate().map_err(anyhow::Error::msg)?;
+    let tokenizer = tokenizer_path(args.tokenizer.clone(), args.model.clone())?;
+    let prepared = match (&args.prepared, &args.data) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => run::prepare_into(d, &tokenizer, &args.out, PrepareSettings::default())?,
+        (None, None) => args.out.join("prepared"),
+    };
+    let random = args.preset.map(|p| match p {
+        PresetArg::Demo => run::demo_config(),
+        PresetArg::Tiny => shared::model::Gemma2Config::tiny(),
+    });
+    let out = run::run_train(run::TrainJob {
+        out: args.out,
+        prepared,
+        model: args.model,
+        random,
+        tokenizer,
+        config,
+        resume: args.resume,
+        device: args.device.device().autodiff(),
+    })?;
+    println!("run: {}", out.display());
+    println!("curves: {}", out.join("curves.svg").display());
+    Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let (out, report) = run::run_eval(run::EvalJob {
+        run: args.run,
+        model: args.model,
+        data: args.data,
+        split: args.split,
+        out: args.out,
+        batch_size: args.batch_size,
+        tokenizer: args.tokenizer,
+        device: args.device.device(),
+    })?;
+    print!("{}", report.summary());
+    println!("report: {}", out.join("report.json").display());
+    Ok(())
+}
+
+fn cmd_export(args: ExportArgs) -> Result<()> {
+    let (out, exported) = run::run_export(&args.run, args.out, args.int8)?;
+    print_export(&out, &exported);
+    Ok(())
+}
+
+fn print_export(out: &std::path::Path, exported: &shared::export::Exported) {
+    println!("Hugging Face directory: {}", out.join("hf").display());
+    println!("web bundle: {}", out.join("web").display());
+    for f in &exported.bundle.files {
+        println!(
+            "  {:<24} {:>12} bytes  sha256 {}",
+            f.file,
+            f.bytes,
+            &f.sha256[..16]
+        );
+    }
+}
+
+fn cmd_demo(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let tokenizer = tokenizer_path(None, None)?;
+    println!(
+        "arena-judge demo: the whole pipeline on {}",
+        args.data.display()
+    );
+    println!(
+        "note: the model is a small randomly initialised Gemma-2 (no pretrained weights), so it learns little;\n      real accuracy needs a pretrained checkpoint: trainer train --model DIR (e.g. google/gemma-2-2b)\n"
+    );
+    let prepared = run::prepare_into(
+        &args.data,
+        &tokenizer,
+        &args.out,
+        PrepareSettings::default(),
+    )?;
+    let mut config = run::demo_train_config();
+    config.max_steps = args.max_steps;
+    let run_dir = run::run_train(run::TrainJob {
+        out: args.out.clone(),
+        prepared,
+        model: None,
+        random: Some(run::demo_config()),
+        tokenizer,
+        config,
+        resume: false,
+        device: args.device.device().autodiff(),
+    })?;
+    println!("\n== evaluation on the test split (straight and swapped)");
+    let (eval_dir, report) = run::run_eval(run::EvalJob {
+        run: Some(run_dir.clone()),
+        model: None,
+        data: None,
+        split: "test".into(),
+        out: None,
+        batch_size: 16,
+        tokenizer: None,
+        device: args.device.device(),
+    })?;
+    print!("{}", report.summary());
+    println!("\n== export");
+    let (export_dir, exported) = run::run_export(&run_dir, None, true)?;
+    print_export(&export_dir, &exported);
+    println!("\ndone in {:.0}s", started.elapsed().as_secs_f64());
+    println!("report:     {}", eval_dir.join("report.txt").display());
+    println!("curves:     {}", run_dir.join("curves.svg").display());
+    println!("confusion:  {}", eval_dir.join("confusion.svg").display());
+    println!("web bundle: {}", export_dir.join("web").display());
+    println!(
+        "reminder: a random small model learns little; for real accuracy train from a pretrained gemma-2 (--model DIR)"
+    );
+    Ok(())
 }
 
 fn tokenizer_path(tokenizer: Option<PathBuf>, model: Option<PathBuf>) -> Result<PathBuf> {
@@ -332,7 +656,7 @@ fn print_summary(m: &Manifest) {
 
 /// An indicatif bar behind the library's progress trait.
 #[derive(Default)]
-struct Bar(std::sync::Mutex<Option<ProgressBar>>);
+pub(crate) struct Bar(std::sync::Mutex<Option<ProgressBar>>);
 
 impl Progress for Bar {
     fn start(&self, stage: &str, total: u64) {

@@ -22,6 +22,7 @@ use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::{Bool, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Gemma2Config, LayerType};
+use super::lora::Projection;
 
 /// RMSNorm with Gemma's **(1 + w)** scale: the weight is an offset from one, so a zero-initialised norm is the
 /// identity scale. Computed in f32 whatever the activation dtype, as transformers does.
@@ -144,10 +145,10 @@ pub fn attention_mask(seq: usize, window: Option<usize>, device: &Device) -> Ten
 
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: Projection,
+    pub k_proj: Projection,
+    pub v_proj: Projection,
+    pub o_proj: Projection,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -216,9 +217,9 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 /// **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: Projection,
+    pub up_proj: Projection,
+    pub down_proj: Projection,
 }
 
 impl Mlp {
@@ -324,6 +325,8 @@ impl Gemma2ForSequenceClassification {
         let [batch, _, width] = hidden.dims();
         let index = last.reshape([batch, 1, 1]).expand([batch, 1, width]);
         let pooled = hidden.gather(1, index).reshape([batch, width]); // [batch, hidden]
+        // A half-precision body may feed an f32 head (training keeps trainable weights in f32).
+        let pooled = pooled.cast(self.score.weight.val().dtype());
         self.score.forward(pooled)
     }
 
@@ -447,10 +450,26 @@ impl Gemma2Config {
             layers.push(DecoderLayer {
                 input_layernorm,
                 self_attn: Attention {
-                    q_proj: source.linear(&format!("{p}.self_attn.q_proj"), hidden, q)?,
-                    k_proj: source.linear(&format!("{p}.self_attn.k_proj"), hidden, kv)?,
-                    v_proj: source.linear(&format!("{p}.self_attn.v_proj"), hidden, kv)?,
-                    o_proj: source.linear(&format!("{p}.self_attn.o_proj"), q, hidden)?,
+                    q_proj: Projection::plain(source.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        hidden,
+                        q,
+                    )?),
+                    k_proj: Projection::plain(source.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        hidden,
+                        kv,
+                    )?),
+                    v_proj: Projection::plain(source.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        hidden,
+                        kv,
+                    )?),
+                    o_proj: Projection::plain(source.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        q,
+                        hidden,
+                    )?),
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: self.head_dim,
@@ -460,21 +479,21 @@ impl Gemma2Config {
                 post_attention_layernorm,
                 pre_feedforward_layernorm,
                 mlp: Mlp {
-                    gate_proj: source.linear(
+                    gate_proj: Projection::plain(source.linear(
                         &format!("{p}.mlp.gate_proj"),
                         hidden,
                         self.intermediate_size,
-                    )?,
-                    up_proj: source.linear(
+                    )?),
+                    up_proj: Projection::plain(source.linear(
                         &format!("{p}.mlp.up_proj"),
                         hidden,
                         self.intermediate_size,
-                    )?,
-                    down_proj: source.linear(
+                    )?),
+                    down_proj: Projection::plain(source.linear(
                         &format!("{p}.mlp.down_proj"),
                         self.intermediate_size,
                         hidden,
-                    )?,
+                    )?),
                 },
                 post_feedforward_layernorm,
                 sliding_window: (*t == LayerType::SlidingAttention).then_some(self.sliding_window),
@@ -662,9 +681,11 @@ mod tests {
         let mut model = config.init(&dev());
         let attn = &mut model.model.layers[1].self_attn;
         // Huge query/key weights: uncapped scores would make attention one-hot; capped at 5 they cannot.
-        let big = |l: &Linear| Linear {
-            weight: Param::from_tensor(l.weight.val().mul_scalar(400.0)),
-            bias: None,
+        let big = |p: &Projection| {
+            Projection::plain(Linear {
+                weight: Param::from_tensor(p.weight().mul_scalar(400.0)),
+                bias: None,
+            })
         };
         attn.q_proj = big(&attn.q_proj);
         attn.k_proj = big(&attn.k_proj);

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod gemma2;
 pub mod load;
+pub mod lora;
 pub mod weights;
 
 pub use config::{Gemma2Config, LayerType};

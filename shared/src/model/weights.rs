@@ -1,5 +1,6 @@
 //! Reading Hugging Face safetensors checkpoints: one `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`; f32, bf16 or f16 (converted to f32 on the way in).
+//! `model.safetensors.index.json`; f32, bf16 or f16 (converted to f32 on the way in), or int8 with a per-row
+//! scale (the web bundle's compact form: `key` holds i8 values and `key_scale` one f16 or f32 scale per row).
 
 use std::collections::BTreeMap;
 
@@ -25,13 +26,18 @@ pub enum WeightsError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16 or F16")]
+    #[error(
+        "{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16, F16 or I8 with a _scale"
+    )]
     Dtype {
         file: String,
         key: String,
         dtype: String,
     },
 }
+
+/// Suffix of the per-row scale of an int8 tensor.
+pub const SCALE_SUFFIX: &str = "_scale";
 
 /// The tensors of a checkpoint, by Hugging Face key.
 pub struct Checkpoint {
@@ -105,8 +111,12 @@ impl Checkpoint {
         Ok(Self { shards, keys })
     }
 
+    /// Tensor names; an int8 tensor's `_scale` companion is part of it, not a key of its own.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
+        self.keys.keys().map(String::as_str).filter(|k| {
+            k.strip_suffix(SCALE_SUFFIX)
+                .is_none_or(|base| !self.keys.contains_key(base))
+        })
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -151,6 +161,15 @@ impl Checkpoint {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Dtype::I8 if !expected.is_empty() => {
+                let rows = expected[0];
+                let scale = self.f32(&format!("{key}{SCALE_SUFFIX}"), &[rows])?;
+                let per_row = data.len() / rows.max(1);
+                data.iter()
+                    .enumerate()
+                    .map(|(i, &b)| f32::from(b as i8) * scale[i / per_row.max(1)])
+                    .collect()
+            }
             other => {
                 return Err(WeightsError::Dtype {
                     file: file.clone(),

@@ -1,0 +1,436 @@
+//! LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021) on the classifier's projections.
+//!
+//! A frozen projection `W` learns a low-rank update: `h = x W + (alpha / r) * dropout(x) A B`, with `A` `[d_in, r]`
+//! drawn at random and `B` `[r, d_out]` zero, so a fresh adapter leaves the model unchanged. Only the adapters and
+//! the classification head train; everything else is frozen. After training, [`merge`] folds `(alpha / r) A B`
+//! into `W`, and the model is a plain Gemma-2 classifier again.
+//!
+//! Parameter names follow PEFT (`...q_proj.lora_A.weight`, stored `[r, d_in]` like a PyTorch Linear), and each
+//! trainable parameter gets a [`ParamId`] derived from its name, so optimizer state saved by one process finds
+//! its parameter in the next (resuming a run).
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::Gemma2Config;
+use super::gemma2::Gemma2ForSequenceClassification;
+
+/// The projections LoRA may adapt, by their Hugging Face names.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which projections get adapters, and their shape. Defaults are the reference recipe's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank `r` of the update.
+    pub r: usize,
+    /// The update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    /// Projection names (see [`PROJECTIONS`]).
+    pub targets: Vec<String>,
+    /// First adapted layer (the recipe adapts layers 6 to the last).
+    pub first_layer: usize,
+    /// Last adapted layer, inclusive; `None` is the model's last.
+    pub last_layer: Option<usize>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 32,
+            alpha: 64.0,
+            dropout: 0.05,
+            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            first_layer: 6,
+            last_layer: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("lora: unknown target {0:?}; choose from {PROJECTIONS:?}")]
+    UnknownTarget(String),
+    #[error("lora: rank r must be at least 1")]
+    ZeroRank,
+    #[error("lora: dropout {0} is outside [0, 1)")]
+    Dropout(f64),
+    #[error("lora: layers {first}..={last} select no layer of a {layers}-layer model")]
+    NoLayers {
+        first: usize,
+        last: usize,
+        layers: usize,
+    },
+}
+
+impl LoraConfig {
+    pub fn validate(&self, layers: usize) -> Result<(), LoraError> {
+        if self.r == 0 {
+            return Err(LoraError::ZeroRank);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::Dropout(self.dropout));
+        }
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|t| !PROJECTIONS.contains(&t.as_str()))
+        {
+            return Err(LoraError::UnknownTarget(t.clone()));
+        }
+        let last = self.last_layer.unwrap_or(layers.saturating_sub(1));
+        if self.first_layer > last || self.first_layer >= layers {
+            return Err(LoraError::NoLayers {
+                first: self.first_layer,
+                last,
+                layers,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether layer `i` is adapted.
+    pub fn covers(&self, i: usize) -> bool {
+        i >= self.first_layer && self.last_layer.is_none_or(|l| i <= l)
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+/// The low-rank update of one projection.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[d_in, r]` (PEFT's `lora_A.weight` is its transpose).
+    pub lora_a: Param<Tensor<2>>,
+    /// `[r, d_out]` (PEFT's `lora_B.weight` is its transpose).
+    pub lora_b: Param<Tensor<2>>,
+    /// Only active on an autodiff device, with the module in training mode.
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter: `A` from PEFT's default (Kaiming-uniform with `a = sqrt(5)`, i.e. U(±1/sqrt(d_in))), `B`
+    /// zero. `key` is the projection's name (`model.layers.6.self_attn.q_proj`), which fixes the parameter ids.
+    pub fn new(key: &str, d_in: usize, d_out: usize, config: &LoraConfig, device: &Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = Tensor::<2>::random(
+            [d_in, config.r],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let b = Tensor::<2>::zeros([config.r, d_out], device);
+        Self::from_tensors(key, a, b, config)
+    }
+
+    pub fn from_tensors(key: &str, a: Tensor<2>, b: Tensor<2>, config: &LoraConfig) -> Self {
+        Self {
+            lora_a: trainable(&format!("{key}.lora_A.weight"), a),
+            lora_b: trainable(&format!("{key}.lora_B.weight"), b),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            scale: config.scale(),
+        }
+    }
+
+    /// `scale * dropout(x) A B`, computed in the adapter's dtype and returned in `x`'s.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_in]` → `[batch, seq, d_out]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let dtype = x.dtype();
+        let a = self.lora_a.val();
+        let x = self.dropout.forward(x).cast(a.dtype());
+        x.matmul(a.unsqueeze())
+            .matmul(self.lora_b.val().unsqueeze())
+            .mul_scalar(self.scale)
+            .cast(dtype)
+    }
+
+    /// The dense update `scale * A B`, `[d_in, d_out]`.
+    pub fn delta(&self) -> Tensor<2> {
+        self.lora_a
+            .val()
+            .matmul(self.lora_b.val())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// A bias-free projection, optionally with a LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Projection {
+    /// `[d_in, d_out]`.
+    pub base: Linear,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Projection {
+    pub fn plain(base: Linear) -> Self {
+        Self { base, lora: None }
+    }
+
+    /// # Shapes
+    /// `x`: `[batch, seq, d_in]` → `[batch, seq, d_out]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.lora {
+            Some(lora) => self.base.forward(x.clone()) + lora.forward(x),
+            None => self.base.forward(x),
+        }
+    }
+
+    /// `[d_in, d_out]`.
+    pub fn weight(&self) -> Tensor<2> {
+        self.base.weight.val()
+    }
+
+    /// `[d_in, d_out]` of the weight.
+    pub fn dims(&self) -> [usize; 2] {
+        self.base.weight.val().dims()
+    }
+
+    /// Folds the adapter into the weight (in the weight's dtype) and drops it.
+    pub fn merge(self) -> Self {
+        match self.lora {
+            None => self,
+            Some(lora) => {
+                let w = self.base.weight.val();
+                let dtype = w.dtype();
+                let merged = w + lora.delta().cast(dtype);
+                Self {
+                    base: Linear {
+                        weight: Param::from_tensor(merged).set_require_grad(false),
+                        bias: None,
+                    },
+                    lora: None,
+                }
+            }
+        }
+    }
+}
+
+/// A trainable parameter whose id is fixed by its name.
+pub fn trainable<const D: usize>(key: &str, tensor: Tensor<D>) -> Param<Tensor<D>> {
+    let mut param = Param::from_tensor(tensor);
+    param.id = ParamId::from(name_id(key));
+    param
+}
+
+/// FNV-1a of the name: a stable id across processes and platforms.
+fn name_id(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Every projection of layer `layer` with its name: `(name, projection)`.
+fn projections_mut(
+    model: &mut Gemma2ForSequenceClassification,
+    layer: usize,
+) -> [(&'static str, &mut Projection); 7] {
+    let l = &mut model.model.layers[layer];
+    let (a, m) = (&mut l.self_attn, &mut l.mlp);
+    [
+        ("self_attn.q_proj", &mut a.q_proj),
+        ("self_attn.k_proj", &mut a.k_proj),
+        ("self_attn.v_proj", &mut a.v_proj),
+        ("self_attn.o_proj", &mut a.o_proj),
+        ("mlp.gate_proj", &mut m.gate_proj),
+        ("mlp.up_proj", &mut m.up_proj),
+        ("mlp.down_proj", &mut m.down_proj),
+    ]
+}
+
+impl Gemma2ForSequenceClassification {
+    /// Freezes the model, attaches fresh adapters where `config` says, and makes the head trainable.
+    pub fn with_lora(self, config: &LoraConfig, device: &Device) -> Result<Self, LoraError> {
+        config.validate(self.model.layers.len())?;
+        let mut model = self.no_grad();
+        for i in 0..model.model.layers.len() {
+            if !config.covers(i) {
+                continue;
+            }
+            for (name, proj) in projections_mut(&mut model, i) {
+                let short = name.rsplit('.').next().unwrap_or(name);
+                if config.targets.iter().any(|t| t == short) {
+                    let [d_in, d_out] = proj.dims();
+                    let key = format!("model.layers.{i}.{name}");
+                    proj.lora = Some(LoraAdapter::new(&key, d_in, d_out, config, device));
+                }
+            }
+        }
+        let weight = model.score.weight.val();
+        model.score.weight = trainable("score.weight", weight);
+        Ok(model)
+    }
+
+    /// Folds every adapter into its projection ([`Projection::merge`]).
+    pub fn merge_lora(mut self) -> Self {
+        for layer in &mut self.model.layers {
+            let a = &mut layer.self_attn;
+            for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                take_merge(p);
+            }
+            let m = &mut layer.mlp;
+            for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                take_merge(p);
+            }
+        }
+        self
+    }
+
+    /// The trainable tensors by PEFT-style name (adapters `[r, d_in]` / `[d_out, r]`, head `[labels, hidden]`),
+    /// as PyTorch stores them.
+    pub fn trainable_tensors(&self) -> Vec<(String, Tensor<2>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let named: [(&str, &Projection); 7] = [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ];
+            for (name, p) in named {
+                if let Some(l) = &p.lora {
+                    let key = format!("model.layers.{i}.{name}");
+                    out.push((format!("{key}.lora_A.weight"), l.lora_a.val().transpose()));
+                    out.push((format!("{key}.lora_B.weight"), l.lora_b.val().transpose()));
+                }
+            }
+        }
+        out.push(("score.weight".into(), self.score.weight.val().transpose()));
+        out
+    }
+
+    /// Replaces the trainable tensors with `tensors` (names and layouts of [`Self::trainable_tensors`]), keeping
+    /// each parameter's id and trainability. Returns the names this model has that `tensors` lacks.
+    pub fn load_trainable(
+        mut self,
+        mut get: impl FnMut(&str, [usize; 2]) -> Option<Tensor<2>>,
+    ) -> Result<Self, String> {
+        let mut missing = Vec::new();
+        let mut load = |name: String, param: &mut Param<Tensor<2>>| {
+            let [r, c] = param.val().dims();
+            match get(&name, [c, r]) {
+                Some(t) => *param = trainable(&name, t.transpose()),
+                None => missing.push(name),
+            }
+        };
+        for i in 0..self.model.layers.len() {
+            for (name, p) in projections_mut(&mut self, i) {
+                if let Some(l) = &mut p.lora {
+                    let key = format!("model.layers.{i}.{name}");
+                    load(format!("{key}.lora_A.weight"), &mut l.lora_a);
+                    load(format!("{key}.lora_B.weight"), &mut l.lora_b);
+                }
+            }
+        }
+        load("score.weight".into(), &mut self.score.weight);
+        if missing.is_empty() {
+            Ok(self)
+        } else {
+            Err(missing.join(", "))
+        }
+    }
+}
+
+fn take_merge(p: &mut Projection) {
+    if p.lora.is_some() {
+        let placeholder = Projection::plain(Linear {
+            weight: p.base.weight.clone(),
+            bias: None,
+        });
+        let owned = std::mem::replace(p, placeholder);
+        *p = owned.merge();
+    }
+}
+
+/// Parameter counts without building a model: `(trainable, total)` as PEFT prints them (adapters and head
+/// trainable; total includes the adapters).
+pub fn parameter_counts(config: &Gemma2Config, lora: &LoraConfig) -> (usize, usize) {
+    let (h, d) = (config.hidden_size, config.head_dim);
+    let (q, kv, inter) = (
+        config.num_attention_heads * d,
+        config.num_key_value_heads * d,
+        config.intermediate_size,
+    );
+    let shapes = [
+        ("q_proj", h, q),
+        ("k_proj", h, kv),
+        ("v_proj", h, kv),
+        ("o_proj", q, h),
+        ("gate_proj", h, inter),
+        ("up_proj", h, inter),
+        ("down_proj", inter, h),
+    ];
+    let per_layer_base: usize = shapes.iter().map(|(_, i, o)| i * o).sum::<usize>() + 4 * h;
+    let per_layer_lora: usize = shapes
+        .iter()
+        .filter(|(n, _, _)| lora.targets.iter().any(|t| t == n))
+        .map(|(_, i, o)| lora.r * (i + o))
+        .sum();
+    let layers = config.num_hidden_layers;
+    let adapted = (0..layers).filter(|&i| lora.covers(i)).count();
+    let head = h * config.num_labels();
+    let base = config.vocab_size * h + layers * per_layer_base + h + head;
+    let trainable = adapted * per_layer_lora + head;
+    (trainable, base + adapted * per_layer_lora)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_settings_on_gemma2_2b_train_about_7_05m_parameters() {
+        let (trainable, total) =
+            parameter_counts(&Gemma2Config::gemma2_2b(), &LoraConfig::default());
+        // q: 32 * (2304 + 2048), k and v: 32 * (2304 + 1024), on layers 6..=25; plus the 2304 x 2 head.
+        assert_eq!(trainable, 20 * 32 * (3 * 2304 + 2048 + 2 * 1024) + 2 * 2304);
+        assert_eq!(trainable, 7_049_728);
+        // gemma-2-2b has 2.61B parameters with its embedding.
+        assert!((2_600_000_000..2_630_000_000).contains(&total), "{total}");
+    }
+
+    #[test]
+    fn config_rejects_unknown_targets_zero_rank_and_empty_layer_ranges() {
+        let bad = LoraConfig {
+            targets: vec!["qkv".into()],
+            ..LoraConfig::default()
+        };
+        assert!(matches!(bad.validate(26), Err(LoraError::UnknownTarget(_))));
+        let zero = LoraConfig {
+            r: 0,
+            ..LoraConfig::default()
+        };
+        assert!(matches!(zero.validate(26), Err(LoraError::ZeroRank)));
+        assert!(matches!(
+            LoraConfig::default().validate(4),
+            Err(LoraError::NoLayers { .. })
+        ));
+        assert!(LoraConfig::default().validate(26).is_ok());
+    }
+
+    #[test]
+    fn parameter_ids_come_from_names() {
+        assert_eq!(name_id("score.weight"), name_id("score.weight"));
+        assert_ne!(name_id("a.lora_A.weight"), name_id("a.lora_B.weight"));
+    }
+}

@@ -1,0 +1,996 @@
+//! LoRA fine-tuning with the reference recipe: AdamW, warmup then cosine (or linear) decay, gradient
+//! accumulation, label smoothing, global gradient-norm clipping, length-grouped batches, evaluation and
+//! checkpoints every N steps, the best checkpoint by validation accuracy reloaded at the end, early stopping.
+//!
+//! A step is one optimizer update (`grad_accum` micro-batches), as in Hugging Face's Trainer. Everything random
+//! is a function of the seed and the step (the batch order, dropout), so a run resumed from a checkpoint takes
+//! the same path as one never stopped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ParamId};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{collate, length_grouped_batches};
+use crate::cache::{PreparedSplit, write_atomic};
+use crate::model::Gemma2ForSequenceClassification;
+use crate::model::lora::LoraConfig;
+use crate::split::SplitMix64;
+
+/// Every training setting. Defaults are the reference recipe's; a run saves the resolved config as
+/// `train_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (overrides `epochs`).
+    pub max_steps: Option<usize>,
+    /// Share of the steps spent warming the learning rate up from zero.
+    pub warmup_ratio: f64,
+    pub schedule: Schedule,
+    pub label_smoothing: f64,
+    /// Clip the global L2 norm of the gradients (Hugging Face's `max_grad_norm`); `None` disables.
+    pub max_grad_norm: Option<f64>,
+    /// Batches of rows of similar length (less padding), in a seeded random order.
+    pub group_by_length: bool,
+    pub seed: u64,
+    pub logging_steps: usize,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    /// Checkpoints kept; older ones are deleted.
+    pub save_total_limit: usize,
+    /// Stop after this many evaluations without a better validation accuracy.
+    pub early_stopping_patience: Option<usize>,
+    pub eval_batch_size: usize,
+    pub precision: Precision,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig::default(),
+            learning_rate: 2e-5,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            batch_size: 1,
+            grad_accum: 8,
+            epochs: 1.0,
+            max_steps: None,
+            warmup_ratio: 0.1,
+            schedule: Schedule::Cosine,
+            label_smoothing: 0.1,
+            max_grad_norm: Some(1.0),
+            group_by_length: true,
+            seed: 42,
+            logging_steps: 10,
+            eval_steps: 500,
+            save_steps: 500,
+            save_total_limit: 3,
+            early_stopping_patience: Some(3),
+            eval_batch_size: 8,
+            precision: Precision::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Precision of the frozen base; adapters, head and optimizer state stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f16 where the device supports it on a GPU backend, else f32.
+    Auto,
+    F32,
+    F16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{file}: {message}")]
+    Config { file: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Lora(#[from] crate::model::lora::LoraError),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
+    #[error("reading a tensor from the device: {0}")]
+    Read(String),
+    #[error("training diverged at step {step}: the loss is {loss}")]
+    Diverged { step: usize, loss: f64 },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML (`.toml`) or JSON config; missing fields keep their defaults, unknown ones are errors.
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        let err = |message: String| TrainError::Config {
+            file: path.display().to_string(),
+            message,
+        };
+        let config: Self = if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(&text).map_err(|e| err(e.to_string()))?
+        } else {
+            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
+        };
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("logging_steps", self.logging_steps),
+            ("eval_steps", self.eval_steps),
+            ("save_steps", self.save_steps),
+            ("save_total_limit", self.save_total_limit),
+            ("eval_batch_size", self.eval_batch_size),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!(
+                "learning_rate must be positive, not {}",
+                self.learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(format!(
+                "warmup_ratio {} is outside [0, 1)",
+                self.warmup_ratio
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(format!(
+                "label_smoothing {} is outside [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        if self.max_steps.is_none() && self.epochs <= 0.0 {
+            return Err("epochs must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps of a run over `rows` training rows.
+    pub fn total_steps(&self, rows: usize) -> usize {
+        let micro = rows.div_ceil(self.batch_size);
+        let per_epoch = micro.div_ceil(self.grad_accum).max(1);
+        self.max_steps
+            .unwrap_or_else(|| (self.epochs * per_epoch as f64).ceil() as usize)
+            .max(1)
+    }
+
+    /// Warmup steps: `ceil(warmup_ratio * total)`, as Hugging Face computes them.
+    pub fn warmup_steps(&self, total: usize) -> usize {
+        (self.warmup_ratio * total as f64).ceil() as usize
+    }
+
+    /// Learning rate of optimizer step `step` (0-based) of `total`: linear warmup from zero, then the schedule
+    /// (transformers' `get_cosine_schedule_with_warmup` and `get_linear_schedule_with_warmup`).
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = self.warmup_steps(total);
+        if step < warmup {
+            return self.learning_rate * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        let factor = match self.schedule {
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Linear => (1.0 - progress).max(0.0),
+            Schedule::Constant => 1.0,
+        };
+        self.learning_rate * factor
+    }
+
+    /// Whether training runs in f16 on `device`.
+    pub fn half(&self, device: &Device) -> bool {
+        let f16 = FloatDType::F16;
+        match self.precision {
+            Precision::F32 => false,
+            Precision::F16 => true,
+            Precision::Auto => is_gpu(device) && device.supports_dtype(f16),
+        }
+    }
+}
+
+fn is_gpu(device: &Device) -> bool {
+    format!("{device:?}").to_lowercase().contains("wgpu")
+}
+
+/// Cross-entropy with label smoothing, as PyTorch's `CrossEntropyLoss(label_smoothing=eps)`:
+/// `(1 - eps) * nll + eps * mean_c(-log p_c)`, averaged over rows. Computed in f32.
+///
+/// # Shapes
+/// `logits`: `[batch, classes]`, `labels`: `[batch]` → `[1]`
+pub fn smoothed_cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>, eps: f64) -> Tensor<1> {
+    let [batch, _] = logits.dims();
+    let logp = log_softmax(logits.cast(FloatDType::F32), 1);
+    let nll = logp.clone().gather(1, labels.reshape([batch, 1])).neg(); // [batch, 1]
+    let uniform = logp.mean_dim(1).neg(); // [batch, 1]
+    (nll.mul_scalar(1.0 - eps) + uniform.mul_scalar(eps))
+        .mean()
+        .reshape([1])
+}
+
+/// One logged stretch of training steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    pub kind: String,
+    pub step: usize,
+    pub epoch: f64,
+    /// Mean training loss over the steps since the last log line.
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Global gradient norm of the last step, before clipping.
+    pub grad_norm: f64,
+    pub rows_per_second: f64,
+    pub elapsed_seconds: f64,
+}
+
+/// One evaluation on the validation split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalLog {
+    pub kind: String,
+    pub step: usize,
+    pub epoch: f64,
+    /// The training loss (label-smoothed), as the recipe reports it.
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Plain cross-entropy of the probabilities.
+    pub log_loss: f64,
+    pub rows: usize,
+    /// Rows `[true][predicted]`, classes model_a, model_b.
+    pub confusion: [[usize; 2]; 2],
+    pub best: bool,
+}
+
+/// What training tells the caller as it goes (the command line draws a bar from it).
+pub trait TrainEvents {
+    fn start(&self, _total_steps: usize, _done: usize) {}
+    fn step(&self, _step: usize, _loss: f64) {}
+    fn log(&self, _log: &StepLog) {}
+    fn eval(&self, _log: &EvalLog) {}
+    fn message(&self, _text: &str) {}
+    fn finish(&self) {}
+}
+
+pub struct Quiet;
+impl TrainEvents for Quiet {}
+
+/// The rows to train and validate on.
+pub struct TrainData<'a> {
+    pub train: &'a PreparedSplit,
+    pub val: &'a PreparedSplit,
+}
+
+/// Where the run lives and whether to continue it.
+pub struct RunDir {
+    pub dir: PathBuf,
+    /// Continue from the newest checkpoint in `dir` (fails when there is none).
+    pub resume: bool,
+}
+
+/// The state a checkpoint restores besides weights and optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    pub best_accuracy: Option<f64>,
+    pub best_step: Option<usize>,
+    pub evals_without_gain: usize,
+    /// The training loss sum and step count since the last log line.
+    pub pending_loss: f64,
+    pub pending_steps: usize,
+    pub stopped_early: bool,
+}
+
+/// The outcome of [`train`].
+pub struct Trained {
+    /// The model with the best validation accuracy's adapters (or the last, without evaluations).
+    pub model: Gemma2ForSequenceClassification,
+    pub state: TrainerState,
+    pub evals: Vec<EvalLog>,
+    pub logs: Vec<StepLog>,
+    /// Steps this call ran (fewer than the total when resumed).
+    pub steps_run: usize,
+    pub seconds: f64,
+}
+
+pub const LOG_FILE: &str = "log.jsonl";
+pub const CONFIG_FILE: &str = "train_config.json";
+pub const BEST_DIR: &str = "best";
+pub const ADAPTER_FILE: &str = "adapter.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.bpk";
+const STATE_FILE: &str = "trainer_state.json";
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
+/// Fine-tunes `model` (a classifier without adapters, on `device`, which must be an autodiff device) and
+/// returns it with the best adapters. Writes `run.dir/log.jsonl`, checkpoints and `best/`.
+pub fn train(
+    model: Gemma2ForSequenceClassification,
+    config: &TrainConfig,
+    data: TrainData<'_>,
+    run: &RunDir,
+    device: &Device,
+    events: &dyn TrainEvents,
+) -> Result<Trained, TrainError> {
+    config.validate().map_err(TrainError::Invalid)?;
+    if data.train.is_empty() {
+        return Err(TrainError::Invalid("the training split has no rows".into()));
+    }
+    if !device.is_autodiff() {
+        return Err(TrainError::Invalid(
+            "training needs an autodiff device".into(),
+        ));
+    }
+    std::fs::create_dir_all(&run.dir).map_err(io_err(&run.dir))?;
+    let half = config.half(device);
+    let model = if half {
+        model.cast(FloatDType::F16)
+    } else {
+        model
+    };
+    let mut model = model.with_lora(&config.lora, device)?;
+    if half {
+        // The head trains: keep it (and its optimizer state) in f32.
+        let w = model.score.weight.val().cast(FloatDType::F32);
+        model.score.weight = crate::model::lora::trainable("score.weight", w);
+    }
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(config.adam_beta1 as f32)
+        .with_beta_2(config.adam_beta2 as f32)
+        .with_epsilon(config.adam_epsilon as f32)
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+
+    let total = config.total_steps(data.train.len());
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: total,
+        best_accuracy: None,
+        best_step: None,
+        evals_without_gain: 0,
+        pending_loss: 0.0,
+        pending_steps: 0,
+        stopped_early: false,
+    };
+    let mut logs: Vec<StepLog> = Vec::new();
+    let mut evals: Vec<EvalLog> = Vec::new();
+    if run.resume {
+        let Some(ckpt) = latest_checkpoint(&run.dir) else {
+            return Err(TrainError::Checkpoint {
+                path: run.dir.display().to_string(),
+                message: "--resume: no checkpoint to resume from".into(),
+            });
+        };
+        let (m, o, s) = load_checkpoint(&ckpt, model, optim, device)?;
+        (model, optim, state) = (m, o, s);
+        if state.total_steps != total {
+            return Err(TrainError::Checkpoint {
+                path: ckpt.display().to_string(),
+                message: format!(
+                    "was made for {} steps, this run has {total}: the data or config changed",
+                    state.total_steps
+                ),
+            });
+        }
+        (logs, evals) = truncate_log(&run.dir.join(LOG_FILE), state.step)?;
+        events.message(&format!(
+            "resumed from {} at step {}/{total}",
+            ckpt.display(),
+            state.step
+        ));
+    } else {
+        write_atomic(&run.dir.join(LOG_FILE), b"").map_err(|e| TrainError::Io {
+            path: run.dir.join(LOG_FILE).display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+
+    let micro = micro_batches(data.train, config, total);
+    let trainable = trainable_ids(&model);
+    let labels_of = |rows: &[usize]| -> Vec<i32> {
+        rows.iter()
+            .map(|&i| data.train.rows[i].label.index() as i32)
+            .collect()
+    };
+    let clock = std::time::Instant::now();
+    let first_step = state.step;
+    let mut rows_since_log = 0usize;
+    let mut log_clock = std::time::Instant::now();
+    events.start(total, state.step);
+
+    while state.step < total && !state.stopped_early {
+        let step = state.step;
+        let chunk = &micro[(step * config.grad_accum).min(micro.len())
+            ..((step + 1) * config.grad_accum).min(micro.len())];
+        let mut accumulator = GradientsAccumulator::<Gemma2ForSequenceClassification>::new();
+        let mut step_loss = 0.0;
+        for (k, rows) in chunk.iter().enumerate() {
+            // Dropout draws from the device RNG: seed it from the position, so a resumed run draws the same.
+            device.seed(
+                config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * config.grad_accum + k) as u64),
+            );
+            let ids: Vec<&[u32]> = rows.iter().map(|&i| data.train.input_ids(i)).collect();
+            let batch = collate(&ids, 0);
+            let labels =
+                Tensor::<1, Int>::from_data(TensorData::new(labels_of(rows), [rows.len()]), device);
+            let logits = model.forward_batch(&batch, device);
+            let loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
+                .div_scalar(chunk.len() as f64);
+            let value = scalar(loss.clone())?;
+            step_loss += value;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            rows_since_log += rows.len();
+        }
+        if !step_loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: step_loss,
+            });
+        }
+        let mut grads = accumulator.grads();
+        let last_norm = clip_global_norm(&mut grads, &trainable, config.max_grad_norm)?;
+        let lr = config.lr_at(step, total);
+        model = optim.step(lr, model, grads);
+        state.step += 1;
+        state.pending_loss += step_loss;
+        state.pending_steps += 1;
+        events.step(state.step, step_loss);
+
+        let epoch = epoch_of(state.step, data.train.len(), config);
+        if state.step % config.logging_steps == 0 || state.step == total {
+            let elapsed = log_clock.elapsed().as_secs_f64();
+            let log = StepLog {
+                kind: "train".into(),
+                step: state.step,
+                epoch,
+                loss: state.pending_loss / state.pending_steps.max(1) as f64,
+                learning_rate: lr,
+                grad_norm: last_norm,
+                rows_per_second: rows_since_log as f64 / elapsed.max(1e-9),
+                elapsed_seconds: clock.elapsed().as_secs_f64(),
+            };
+            append_log(&run.dir, &log)?;
+            events.log(&log);
+            logs.push(log);
+            state.pending_loss = 0.0;
+            state.pending_steps = 0;
+            rows_since_log = 0;
+            log_clock = std::time::Instant::now();
+        }
+        let last = state.step == total;
+        if state.step % config.eval_steps == 0 || last {
+            let m = evaluate_split(&model.valid(), data.val, config, &device.clone().inner())?;
+            let gain = state.best_accuracy.is_none_or(|b| m.accuracy > b);
+            if gain {
+                state.best_accuracy = Some(m.accuracy);
+                state.best_step = Some(state.step);
+                state.evals_without_gain = 0;
+                save_adapter(&run.dir.join(BEST_DIR), &model)?;
+            } else {
+                state.evals_without_gain += 1;
+                if config
+                    .early_stopping_patience
+                    .is_some_and(|p| state.evals_without_gain >= p)
+                {
+                    state.stopped_early = true;
+                    events.message(&format!(
+                        "early stop at step {}: {} evaluations without a better validation accuracy",
+                        state.step, state.evals_without_gain
+                    ));
+                }
+            }
+            let log = EvalLog {
+                kind: "eval".into(),
+                step: state.step,
+                epoch,
+                loss: m.loss,
+                accuracy: m.accuracy,
+                log_loss: m.log_loss,
+                rows: m.rows,
+                confusion: m.confusion,
+                best: gain,
+            };
+            append_log(&run.dir, &log)?;
+            events.eval(&log);
+            evals.push(log);
+        }
+        if state.step % config.save_steps == 0 || last || state.stopped_early {
+            save_checkpoint(&run.dir, &model, &optim, &state, config.save_total_limit)?;
+        }
+    }
+    events.finish();
+
+    let best = run.dir.join(BEST_DIR).join(ADAPTER_FILE);
+    if best.is_file() {
+        model = load_adapter(&best, model, device)?;
+    }
+    Ok(Trained {
+        model,
+        steps_run: state.step - first_step,
+        state,
+        evals,
+        logs,
+        seconds: clock.elapsed().as_secs_f64(),
+    })
+}
+
+fn epoch_of(step: usize, rows: usize, config: &TrainConfig) -> f64 {
+    let per_epoch = rows
+        .div_ceil(config.batch_size)
+        .div_ceil(config.grad_accum)
+        .max(1);
+    step as f64 / per_epoch as f64
+}
+
+/// The micro-batches of the whole run, in order: each epoch a fresh seeded order, length-grouped or shuffled.
+fn micro_batches(train: &PreparedSplit, config: &TrainConfig, total: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<usize> = (0..train.len()).map(|i| train.input_ids(i).len()).collect();
+    let needed = total * config.grad_accum;
+    let mut out = Vec::with_capacity(needed);
+    let mut epoch = 0u64;
+    while out.len() < needed {
+        let seed = config.seed.wrapping_add(epoch);
+        if config.group_by_length {
+            out.extend(length_grouped_batches(
+                &lengths,
+                config.batch_size,
+                50,
+                seed,
+            ));
+        } else {
+            let mut order: Vec<usize> = (0..lengths.len()).collect();
+            SplitMix64::new(seed).shuffle(&mut order);
+            out.extend(order.chunks(config.batch_size).map(<[usize]>::to_vec));
+        }
+        epoch += 1;
+    }
+    // An epoch's last step may take fewer micro-batches: keep the whole of each epoch's stream, cut at the end.
+    out
+}
+
+fn scalar(t: Tensor<1>) -> Result<f64, TrainError> {
+    let v = t
+        .try_to_vec_as::<f32>()
+        .map_err(|e| TrainError::Read(format!("{e:?}")))?;
+    Ok(v.first().copied().unwrap_or(f32::NAN) as f64)
+}
+
+/// The ids of the adapters and the head.
+pub fn trainable_ids(model: &Gemma2ForSequenceClassification) -> Vec<ParamId> {
+    struct Ids(Vec<ParamId>);
+    impl burn::module::ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0.push(param.id);
+            }
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    model.visit(&mut ids);
+    ids.0
+}
+
+/// Scales the gradients so their global L2 norm is at most `max` (PyTorch's `clip_grad_norm_`); returns the
+/// norm before clipping.
+fn clip_global_norm(
+    grads: &mut GradientsParams,
+    ids: &[ParamId],
+    max: Option<f64>,
+) -> Result<f64, TrainError> {
+    let mut total: Option<Tensor<1>> = None;
+    for id in ids {
+        if let Some(g) = grads.get::<2>(*id) {
+            let sq = g.cast(FloatDType::F32).square().sum();
+            total = Some(match total {
+                Some(t) => t + sq,
+                None => sq,
+            });
+        }
+    }
+    let Some(total) = total else {
+        return Ok(0.0);
+    };
+    let norm = scalar(total)?.sqrt();
+    if let Some(max) = max
+        && norm > max
+    {
+        let factor = max / (norm + 1e-6);
+        for id in ids {
+            if let Some(g) = grads.remove::<2>(*id) {
+                grads.register(*id, g.mul_scalar(factor));
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Loss, accuracy and confusion of a split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitMetrics {
+    pub rows: usize,
+    pub loss: f64,
+    pub log_loss: f64,
+    pub accuracy: f64,
+    pub confusion: [[usize; 2]; 2],
+    /// `[P(model_a), P(model_b)]` per row.
+    pub probs: Vec<[f32; 2]>,
+}
+
+/// Scores every binary-labelled row of `split` (ties are skipped) in length-sorted batches.
+pub fn evaluate_split(
+    model: &Gemma2ForSequenceClassification,
+    split: &PreparedSplit,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<SplitMetrics, TrainError> {
+    let rows: Vec<usize> = (0..split.len())
+        .filter(|&i| split.rows[i].label.index() < 2)
+        .collect();
+    let mut order = rows.clone();
+    order.sort_by_key(|&i| std::cmp::Reverse(split.input_ids(i).len()));
+    let mut probs = vec![[0f32; 2]; split.len()];
+    for chunk in order.chunks(config.eval_batch_size) {
+        let ids: Vec<&[u32]> = chunk.iter().map(|&i| split.input_ids(i)).collect();
+        let logits = model.forward_batch(&collate(&ids, 0), device);
+        let p = burn::tensor::activation::softmax(logits.cast(FloatDType::F32), 1)
+            .try_to_vec_as::<f32>()
+            .map_err(|e| TrainError::Read(format!("{e:?}")))?;
+        for (k, &i) in chunk.iter().enumerate() {
+            probs[i] = [p[2 * k], p[2 * k + 1]];
+        }
+    }
+    let (mut loss, mut log_loss, mut correct) = (0.0, 0.0, 0usize);
+    let mut confusion = [[0usize; 2]; 2];
+    let eps = config.label_smoothing;
+    for &i in &rows {
+        let y = split.rows[i].label.index();
+        let p = probs[i];
+        let lp = [
+            f64::from(p[0]).max(1e-15).ln(),
+            f64::from(p[1]).max(1e-15).ln(),
+        ];
+        log_loss -= lp[y];
+        loss -= (1.0 - eps) * lp[y] + eps * (lp[0] + lp[1]) / 2.0;
+        let pred = usize::from(p[1] > p[0]);
+        correct += usize::from(pred == y);
+        confusion[y][pred] += 1;
+    }
+    let n = rows.len().max(1) as f64;
+    Ok(SplitMetrics {
+        rows: rows.len(),
+        loss: loss / n,
+        log_loss: log_loss / n,
+        accuracy: correct as f64 / n,
+        confusion,
+        probs: rows.iter().map(|&i| probs[i]).collect(),
+    })
+}
+
+fn append_log<T: Serialize>(dir: &Path, entry: &T) -> Result<(), TrainError> {
+    let path = dir.join(LOG_FILE);
+    let mut line = serde_json::to_string(entry).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.write_all(line.as_bytes()).map_err(io_err(&path))
+}
+
+/// Log lines of a run: the training and evaluation entries.
+pub fn read_log(path: &Path) -> Result<(Vec<StepLog>, Vec<EvalLog>), TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let (mut logs, mut evals) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |e: serde_json::Error| TrainError::Io {
+            path: path.display().to_string(),
+            message: format!("line {}: {e}", n + 1),
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("eval") => evals.push(serde_json::from_value(v).map_err(bad)?),
+            _ => logs.push(serde_json::from_value(v).map_err(bad)?),
+        }
+    }
+    Ok((logs, evals))
+}
+
+/// Keeps the log entries up to `step` (a resumed run rewrites what came after its checkpoint).
+fn truncate_log(path: &Path, step: usize) -> Result<(Vec<StepLog>, Vec<EvalLog>), TrainError> {
+    let (logs, evals) = if path.is_file() {
+        read_log(path)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let logs: Vec<StepLog> = logs.into_iter().filter(|l| l.step <= step).collect();
+    let evals: Vec<EvalLog> = evals.into_iter().filter(|l| l.step <= step).collect();
+    let mut lines: Vec<(usize, u8, String)> = Vec::new();
+    for l in &logs {
+        lines.push((l.step, 0, serde_json::to_string(l).unwrap_or_default()));
+    }
+    for e in &evals {
+        lines.push((e.step, 1, serde_json::to_string(e).unwrap_or_default()));
+    }
+    lines.sort_by_key(|(s, k, _)| (*s, *k));
+    let mut text = String::new();
+    for (_, _, l) in lines {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok((logs, evals))
+}
+
+/// Writes the adapters and head as `dir/adapter.safetensors` (f32, PEFT names and layouts), atomically.
+pub fn save_adapter(dir: &Path, model: &Gemma2ForSequenceClassification) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(ADAPTER_FILE);
+    let mut tensors = Vec::new();
+    for (name, t) in model.trainable_tensors() {
+        let shape = t.dims().to_vec();
+        let values = t
+            .cast(FloatDType::F32)
+            .try_to_vec_as::<f32>()
+            .map_err(|e| TrainError::Read(format!("{e:?}")))?;
+        tensors.push((name, shape, values));
+    }
+    let bytes = crate::export::safetensors_f32(&tensors).map_err(|message| TrainError::Io {
+        path: path.display().to_string(),
+        message,
+    })?;
+    write_atomic(&path, &bytes).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads adapters and head saved by [`save_adapter`] into a model with the same LoRA layout.
+pub fn load_adapter(
+    path: &Path,
+    model: Gemma2ForSequenceClassification,
+    device: &Device,
+) -> Result<Gemma2ForSequenceClassification, TrainError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let err = |message: String| TrainError::Checkpoint {
+        path: path.display().to_string(),
+        message,
+    };
+    let ckpt =
+        crate::model::weights::Checkpoint::from_files(vec![(path.display().to_string(), bytes)])
+            .map_err(|e| err(e.to_string()))?;
+    let mut failure = None;
+    let model = model
+        .load_trainable(|name, shape| match ckpt.f32(name, &shape) {
+            Ok(v) => Some(Tensor::from_data(TensorData::new(v, shape), device)),
+            Err(e) => {
+                failure.get_or_insert(e.to_string());
+                None
+            }
+        })
+        .map_err(|missing| err(failure.clone().unwrap_or(format!("missing {missing}"))))?;
+    Ok(model)
+}
+
+/// `dir/checkpoint-N` with the highest N that holds a complete checkpoint.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            let p = e.path();
+            p.join(STATE_FILE).is_file().then_some((n, p))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
+/// Writes `checkpoint-N` whole or not at all: everything goes to a temporary directory that is renamed into
+/// place, then checkpoints beyond `keep` are deleted, oldest first.
+fn save_checkpoint(
+    dir: &Path,
+    model: &Gemma2ForSequenceClassification,
+    optim: &ModuleOptimizer,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<(), TrainError> {
+    let name = format!("{CHECKPOINT_PREFIX}{}", state.step);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    save_adapter(&tmp, model)?;
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    let bytes = optim.into_bytes().map_err(|e| TrainError::Checkpoint {
+        path: opt_path.display().to_string(),
+        message: format!("{e:?}"),
+    })?;
+    write_atomic(&opt_path, &bytes).map_err(|e| TrainError::Io {
+        path: opt_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let state_path = tmp.join(STATE_FILE);
+    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Io {
+        path: state_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&state_path, &json).map_err(|e| TrainError::Io {
+        path: state_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let target = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    all.sort();
+    let excess = all.len().saturating_sub(keep);
+    for (_, p) in all.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    Ok(())
+}
+
+fn load_checkpoint(
+    ckpt: &Path,
+    model: Gemma2ForSequenceClassification,
+    optim: ModuleOptimizer,
+    device: &Device,
+) -> Result<
+    (
+        Gemma2ForSequenceClassification,
+        ModuleOptimizer,
+        TrainerState,
+    ),
+    TrainError,
+> {
+    let err = |message: String| TrainError::Checkpoint {
+        path: ckpt.display().to_string(),
+        message,
+    };
+    let state_path = ckpt.join(STATE_FILE);
+    let state: TrainerState =
+        serde_json::from_slice(&std::fs::read(&state_path).map_err(io_err(&state_path))?)
+            .map_err(|e| err(format!("{STATE_FILE}: {e}")))?;
+    let model = load_adapter(&ckpt.join(ADAPTER_FILE), model, device)?;
+    let opt_path = ckpt.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&opt_path).map_err(io_err(&opt_path))?;
+    let optim = optim
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| err(format!("{OPTIMIZER_FILE}: {e:?}")))?;
+    Ok((model, optim, state))
+}
+
+/// Random-order rows of `split` for a quick look (the learning test picks 32).
+pub fn first_rows(split: &PreparedSplit, n: usize) -> PreparedSplit {
+    let mut out = PreparedSplit::with_capacity(n.min(split.len()));
+    for i in 0..n.min(split.len()) {
+        out.push(split.rows[i].clone(), split.input_ids(i));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_matches_transformers() {
+        let c = TrainConfig::default();
+        // 100 steps, 10 of warmup: 0 at step 0, linear to the peak, half the peak halfway through the decay.
+        assert_eq!(c.lr_at(0, 100), 0.0);
+        assert!((c.lr_at(5, 100) - 1e-5).abs() < 1e-12);
+        assert!((c.lr_at(10, 100) - 2e-5).abs() < 1e-12);
+        assert!((c.lr_at(55, 100) - 1e-5).abs() < 1e-12);
+        assert!(c.lr_at(99, 100) < 1e-7);
+        let linear = TrainConfig {
+            schedule: Schedule::Linear,
+            ..c
+        };
+        assert!((linear.lr_at(55, 100) - 1e-5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn steps_count_optimizer_updates_over_the_epochs() {
+        let c = TrainConfig::default();
+        // The recipe: 33,907 training rows, batch 1, accumulation 8.
+        assert_eq!(c.total_steps(33_907), 4_239);
+        assert_eq!(c.warmup_steps(4_239), 424);
+        let two = TrainConfig {
+            epochs: 2.0,
+            ..TrainConfig::default()
+        };
+        assert_eq!(two.total_steps(16), 4);
+    }
+
+    #[test]
+    fn label_smoothing_mixes_the_nll_with_the_uniform_cross_entropy() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::from_data(TensorData::new(vec![2.0f32, 0.0], [1, 2]), &device);
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32], [1]), &device);
+        let got = scalar(smoothed_cross_entropy(logits, labels, 0.1)).unwrap();
+        let lp0 = -(1.0f64 + (-2.0f64).exp()).ln();
+        let lp1 = lp0 - 2.0;
+        let want = -(0.9 * lp0 + 0.1 * (lp0 + lp1) / 2.0);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn config_files_fill_defaults_and_reject_unknown_fields() {
+        let dir = std::env::temp_dir().join(format!("aj-train-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml_path = dir.join("c.toml");
+        std::fs::write(&toml_path, "learning_rate = 1e-4\n[lora]\nr = 8\n").unwrap();
+        let c = TrainConfig::from_file(&toml_path).unwrap();
+        assert_eq!(c.learning_rate, 1e-4);
+        assert_eq!(c.lora.r, 8);
+        assert_eq!(c.grad_accum, 8);
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"learning_rat": 1e-4}"#).unwrap();
+        let e = TrainConfig::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.json") && e.contains("learning_rat"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,5 @@
+//! The `trainer` command line, run as a subprocess; one binary (see trainer/Cargo.toml).
+
+mod predict_cli;
+mod prepare_cli;
+mod train_cli;
