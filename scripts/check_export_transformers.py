@@ -3,18 +3,18 @@ probabilities `trainer predict` wrote for the same rows, within 1e-4.
 
     python scripts/check_export_transformers.py RUN/export/hf data/arena-sample.parquet predictions.csv [ROWS]
 
-The tokenizer comes from the export directory too (AutoTokenizer with its tokenizer_config.json), so this also
-checks that the exported tokenizer files work in transformers. Needs torch, transformers, pandas, pyarrow.
+The tokenizer comes from the export directory too, loaded as the recipe loads Gemma's, so this also checks that
+the exported tokenizer files work in transformers. Needs torch, transformers, pandas, pyarrow.
 """
 import os
 import sys
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer, Gemma2ForSequenceClassification
+from transformers import Gemma2ForSequenceClassification
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recipe_preprocess import load, preprocess  # noqa: E402
+from recipe_preprocess import load, load_tokenizer, preprocess  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -22,7 +22,9 @@ TOLERANCE = 1e-4
 def main():
     hf_dir, data, predictions = sys.argv[1:4]
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    # As the recipe loads google/gemma-2-2b's tokenizer: BOS and EOS added (transformers 5 takes these from the
+    # call, not from tokenizer_config.json).
+    tokenizer = load_tokenizer(hf_dir)
     probe = tokenizer("hi")["input_ids"]
     assert probe[0] == tokenizer.bos_token_id and probe[-1] == tokenizer.eos_token_id, probe
     model = Gemma2ForSequenceClassification.from_pretrained(

@@ -7,9 +7,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 
 echo "== native tests"
-cargo test --workspace --exclude web
+cargo test --workspace --exclude web --no-fail-fast
 
-echo "== wasm32: build and check against the recipe fixture in Node"
+echo "== a demo bundle (trainer demo, 4 steps) and its native predictions, for the wasm model checks"
+# The trainer binary `cargo test` just built (a `cargo run -p trainer` may unify features differently and rebuild).
+./target/debug/trainer demo --out target/test-demo --max-steps 4 > target/test-demo.log
+./target/debug/trainer predict --device cpu --model target/test-demo/export/web \
+  --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv
+
+echo "== wasm32: build and check against the recipe fixture and the native model in Node"
 cargo build -p web --target wasm32-unknown-unknown --release
 wasm-bindgen --target nodejs --out-dir target/web-node target/wasm32-unknown-unknown/release/web.wasm
 node --test web/tests/*.mjs

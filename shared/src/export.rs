@@ -225,7 +225,8 @@ pub fn hf_config_json(config: &Gemma2Config, dtype: &str) -> serde_json::Value {
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.head_dim,
-        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        // transformers 5 validates this field as an integer.
+        "query_pre_attn_scalar": number(config.query_pre_attn_scalar),
         "sliding_window": config.sliding_window,
         "attn_logit_softcapping": config.attn_logit_softcapping,
         "final_logit_softcapping": config.final_logit_softcapping,
@@ -248,6 +249,15 @@ pub fn hf_config_json(config: &Gemma2Config, dtype: &str) -> serde_json::Value {
         "torch_dtype": dtype,
         "dtype": dtype,
     })
+}
+
+/// An integral value as a JSON integer, else as a float.
+fn number(v: f64) -> serde_json::Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        (v as i64).into()
+    } else {
+        v.into()
+    }
 }
 
 /// `tokenizer_config.json` for transformers: BOS and EOS added, right padding, the recipe's 512 tokens.

@@ -27,6 +27,8 @@ use crate::split::SplitMix64;
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub lora: LoraConfig,
+    /// Store the frozen projections in int8 (QLoRA-style); adapters and head stay in full precision.
+    pub quantize_base: bool,
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -63,6 +65,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             lora: LoraConfig::default(),
+            quantize_base: false,
             learning_rate: 2e-5,
             weight_decay: 0.01,
             adam_beta1: 0.9,
@@ -366,6 +369,9 @@ pub fn train(
         model
     };
     let mut model = model.with_lora(&config.lora, device)?;
+    if config.quantize_base {
+        model = model.quantize_base(device);
+    }
     if half {
         // The head trains: keep it (and its optimizer state) in f32.
         let w = model.score.weight.val().cast(FloatDType::F32);

@@ -108,6 +108,9 @@ struct Overrides {
     lora_first_layer: Option<usize>,
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
+    /// Keep the frozen projections in int8 (QLoRA-style).
+    #[arg(long)]
+    quantize_base: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -142,6 +145,7 @@ impl Overrides {
             || self.lora_targets.is_some()
             || self.lora_first_layer.is_some()
             || self.precision.is_some()
+            || self.quantize_base
     }
 
     fn apply(&self, c: &mut shared::train::TrainConfig) {
@@ -154,6 +158,9 @@ impl Overrides {
              lora_dropout => c.lora.dropout, lora_first_layer => c.lora.first_layer);
         if self.max_steps.is_some() {
             c.max_steps = self.max_steps;
+        }
+        if self.quantize_base {
+            c.quantize_base = true;
         }
         if let Some(t) = &self.lora_targets {
             c.lora.targets = t
@@ -252,6 +259,9 @@ struct PredictArgs {
     /// Precision of weights and activations: auto is f16 on a wgpu adapter that supports it, else f32.
     #[arg(long, default_value = "auto")]
     dtype: DtypeArg,
+    /// Score only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -575,7 +585,10 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     let tokenizer = shared::tokenizer::Tokenizer::from_file(&tokenizer_path)
         .with_context(|| "the model directory needs a tokenizer.json (or pass --tokenizer FILE)")?;
     let dataset = shared::data::load_file(&args.data, args.format)?;
-    let records = dataset.records;
+    let mut records = dataset.records;
+    if let Some(n) = args.limit {
+        records.truncate(n);
+    }
     let options = shared::predict::PredictOptions {
         batch_size: args.batch_size,
         swap_tta: args.swap_tta,

@@ -130,6 +130,10 @@ pub fn load_run_model(
     let loaded = shared::model::load::load_hf_dir(&info.base_model, device)
         .with_context(|| format!("loading the base model {}", info.base_model.display()))?;
     let mut model = loaded.model.with_lora(&config.lora, device)?;
+    if config.quantize_base {
+        // The adapters learned on the quantized base: evaluate and merge on the same one.
+        model = model.quantize_base(device);
+    }
     if let Some(a) = adapter {
         model = shared::train::load_adapter(a, model, device)?;
     }

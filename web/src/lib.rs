@@ -1,6 +1,10 @@
 //! arena-judge in the browser. This crate compiles `shared` to wasm32 and exports its preprocessing to
 //! JavaScript: the same loading, truncation and tokenization code as the trainer, so the page feeds the model
-//! exactly the ids the trainer would. The Leptos app and the model come on top of it.
+//! exactly the ids the trainer would; and the model ([`Judge`]), on WebGPU or the CPU.
+
+mod judge;
+
+pub use judge::Judge;
 
 use bytes::Bytes;
 use serde::Serialize;

@@ -11,6 +11,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::quantization::{QuantScheme, QuantValue};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -176,25 +177,55 @@ pub struct Projection {
     /// `[d_in, d_out]`.
     pub base: Linear,
     pub lora: Option<LoraAdapter>,
+    /// The base weight is stored quantized ([`Projection::quantize_base`]).
+    #[module(skip)]
+    pub quantized: bool,
 }
 
 impl Projection {
     pub fn plain(base: Linear) -> Self {
-        Self { base, lora: None }
+        Self {
+            base,
+            lora: None,
+            quantized: false,
+        }
     }
 
     /// # Shapes
     /// `x`: `[batch, seq, d_in]` → `[batch, seq, d_out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let base = match self.quantized {
+            // **QLoRA-style base**: stored in int8, dequantized for the product.
+            true => {
+                let w = self.weight().cast(x.dtype());
+                x.clone().matmul(w.unsqueeze())
+            }
+            false => self.base.forward(x.clone()),
+        };
         match &self.lora {
-            Some(lora) => self.base.forward(x.clone()) + lora.forward(x),
-            None => self.base.forward(x),
+            Some(lora) => base + lora.forward(x),
+            None => base,
         }
     }
 
-    /// `[d_in, d_out]`.
+    /// `[d_in, d_out]`, dequantized if the base is quantized.
     pub fn weight(&self) -> Tensor<2> {
-        self.base.weight.val()
+        match self.quantized {
+            true => self.base.weight.val().dequantize(),
+            false => self.base.weight.val(),
+        }
+    }
+
+    /// Stores the frozen base weight quantized by `scheme` (QLoRA-style: the adapter stays in full precision).
+    pub fn quantize_base(mut self, scheme: &QuantScheme) -> Self {
+        let scheme = *scheme;
+        self.base.weight = self
+            .base
+            .weight
+            .map(move |w| w.quantize_dynamic(&scheme))
+            .set_require_grad(false);
+        self.quantized = true;
+        self
     }
 
     /// `[d_in, d_out]` of the weight.
@@ -202,21 +233,19 @@ impl Projection {
         self.base.weight.val().dims()
     }
 
-    /// Folds the adapter into the weight (in the weight's dtype) and drops it.
+    /// Folds the adapter into the weight (in the weight's dtype; a quantized base comes out dequantized) and
+    /// drops it.
     pub fn merge(self) -> Self {
-        match self.lora {
+        match &self.lora {
             None => self,
             Some(lora) => {
-                let w = self.base.weight.val();
+                let w = self.weight();
                 let dtype = w.dtype();
                 let merged = w + lora.delta().cast(dtype);
-                Self {
-                    base: Linear {
-                        weight: Param::from_tensor(merged).set_require_grad(false),
-                        bias: None,
-                    },
-                    lora: None,
-                }
+                Self::plain(Linear {
+                    weight: Param::from_tensor(merged).set_require_grad(false),
+                    bias: None,
+                })
             }
         }
     }
@@ -275,6 +304,30 @@ impl Gemma2ForSequenceClassification {
         let weight = model.score.weight.val();
         model.score.weight = trainable("score.weight", weight);
         Ok(model)
+    }
+
+    /// Quantizes every projection's frozen base weight to int8 (symmetric, one scale per tensor): QLoRA-style
+    /// training keeps the big frozen matrices at a quarter of their f32 size. Norms, embedding and head stay.
+    pub fn quantize_base(mut self, device: &Device) -> Self {
+        let scheme = device
+            .settings()
+            .quantization
+            .scheme
+            .with_value(QuantValue::Q8S);
+        for i in 0..self.model.layers.len() {
+            for (_, p) in projections_mut(&mut self, i) {
+                let placeholder = Projection::plain(Linear {
+                    weight: p.base.weight.clone(),
+                    bias: None,
+                });
+                let mut owned = std::mem::replace(p, placeholder);
+                if !owned.quantized {
+                    owned = owned.quantize_base(&scheme);
+                }
+                *p = owned;
+            }
+        }
+        self
     }
 
     /// Folds every adapter into its projection ([`Projection::merge`]).

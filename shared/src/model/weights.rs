@@ -48,13 +48,15 @@ pub struct Checkpoint {
 }
 
 /// The `weight_map` of a sharded checkpoint's index.
+#[cfg(feature = "native")]
 #[derive(serde::Deserialize)]
 struct Index {
     weight_map: BTreeMap<String, String>,
 }
 
 impl Checkpoint {
-    /// Reads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    /// Reads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`, or the weights
+    /// a web bundle's `manifest.json` names first.
     #[cfg(feature = "native")]
     pub fn open_dir(dir: &std::path::Path) -> Result<Self, WeightsError> {
         let read = |p: &std::path::Path| {
@@ -68,6 +70,27 @@ impl Checkpoint {
             return Self::from_files(vec![(single.display().to_string(), read(&single)?)]);
         }
         let index_path = dir.join("model.safetensors.index.json");
+        // A web bundle (`trainer export`'s web/): the first weight file its manifest lists.
+        let manifest = dir.join("manifest.json");
+        if !index_path.is_file() && manifest.is_file() {
+            #[derive(serde::Deserialize)]
+            struct Weights {
+                file: String,
+            }
+            #[derive(serde::Deserialize)]
+            struct Bundle {
+                weights: Vec<Weights>,
+            }
+            let bundle: Bundle =
+                serde_json::from_slice(&read(&manifest)?).map_err(|e| WeightsError::Index {
+                    file: manifest.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            if let Some(w) = bundle.weights.first() {
+                let p = dir.join(&w.file);
+                return Self::from_files(vec![(p.display().to_string(), read(&p)?)]);
+            }
+        }
         if !index_path.is_file() {
             return Err(WeightsError::NoWeights {
                 dir: dir.display().to_string(),

@@ -1,0 +1,218 @@
+//! The classifier in the browser: a `trainer export` web bundle loaded into the same `shared` model code, on
+//! WebGPU (burn's wgpu backend) or, without it, on burn's CPU backend compiled to wasm.
+//!
+//! Reading tensors back is asynchronous here (a browser cannot block on the GPU), so every prediction is an
+//! `async` call; JavaScript awaits it and the page stays responsive.
+
+use std::rc::Rc;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, FloatDType};
+use serde::Serialize;
+use shared::batch::collate;
+use shared::data::{Format, Label, Record, load_bytes};
+use shared::model::load::from_checkpoint;
+use shared::model::weights::Checkpoint;
+use shared::model::{Gemma2Config, Gemma2ForSequenceClassification};
+use shared::preprocess::{Example, PreprocessConfig, preprocess_record};
+use shared::tokenizer::{EnginePreference, Tokenizer};
+use wasm_bindgen::prelude::*;
+
+struct Inner {
+    model: Gemma2ForSequenceClassification,
+    tokenizer: Tokenizer,
+    preprocess: PreprocessConfig,
+    device: Device,
+    backend: String,
+    labels: Vec<String>,
+}
+
+/// A loaded model bundle, ready to score comparisons.
+#[wasm_bindgen]
+pub struct Judge(Rc<Inner>);
+
+/// One comparison's prediction.
+#[derive(Serialize)]
+struct Prediction {
+    prob_model_a: f32,
+    prob_model_b: f32,
+    /// Model input length (BOS and EOS included).
+    tokens: usize,
+    /// Tokens of prompt, response A and response B before truncation.
+    field_tokens: [usize; 3],
+    /// Which of prompt, A and B were snipped by smart truncation.
+    snipped: [bool; 3],
+    /// The templated text was cut at the model's input length.
+    cut: bool,
+}
+
+fn js(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// The device for `backend`: `webgpu` (an error without it), `cpu`, or `auto` (WebGPU when the browser has it,
+/// else the CPU). Returns the device and its name.
+async fn pick_device(backend: &str) -> Result<(Device, String), JsError> {
+    if backend != "cpu" {
+        match Device::wgpu_options().init_async().await {
+            Ok(device) => return Ok((device, "webgpu".into())),
+            Err(e) if backend == "webgpu" => {
+                return Err(js(format!("WebGPU is not available here: {e:?}")));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok((Device::flex(), "cpu".into()))
+}
+
+#[wasm_bindgen]
+impl Judge {
+    /// Builds the model from a bundle's files: `config.json`, `tokenizer.json` and one weights file
+    /// (safetensors: f32, f16, or int8 with per-row scales). `backend` is `auto`, `webgpu` or `cpu`.
+    pub async fn load(
+        config_json: Vec<u8>,
+        tokenizer_json: Vec<u8>,
+        weights_name: String,
+        weights: Vec<u8>,
+        backend: String,
+    ) -> Result<Judge, JsError> {
+        let config = Gemma2Config::from_hf_json("config.json", &config_json).map_err(js)?;
+        let tokenizer = Tokenizer::from_json_bytes(
+            "tokenizer.json",
+            &tokenizer_json,
+            EnginePreference::Fastest,
+        )
+        .map_err(js)?;
+        let checkpoint = Checkpoint::from_files(vec![(weights_name, weights)]).map_err(js)?;
+        let (device, backend) = pick_device(&backend).await?;
+        let loaded = from_checkpoint(config, &checkpoint, &device).map_err(js)?;
+        let model = if backend == "webgpu" && device.supports_dtype(FloatDType::F16) {
+            loaded.model.cast(FloatDType::F16)
+        } else {
+            loaded.model
+        };
+        Ok(Judge(Rc::new(Inner {
+            model,
+            tokenizer,
+            preprocess: PreprocessConfig::default(),
+            device,
+            backend,
+            labels: loaded.config.labels,
+        })))
+    }
+
+    /// `webgpu` or `cpu`.
+    #[wasm_bindgen(getter)]
+    pub fn backend(&self) -> String {
+        self.0.backend.clone()
+    }
+
+    /// P(A) and P(B) of one comparison as JSON (`prob_model_a`, `prob_model_b`, token counts, snipped parts);
+    /// with `swap_tta`, averaged with the swapped pair's.
+    pub async fn predict(
+        &self,
+        prompt: String,
+        response_a: String,
+        response_b: String,
+        swap_tta: bool,
+    ) -> Result<String, JsError> {
+        let inner = self.0.clone();
+        let record = Record {
+            id: "input".into(),
+            prompt,
+            response_a,
+            response_b,
+            label: Label::Tie,
+            model_a: None,
+            model_b: None,
+            language: None,
+        };
+        let straight =
+            preprocess_record(&inner.tokenizer, &inner.preprocess, &record, false).map_err(js)?;
+        let mut p = score(&inner, &[&straight]).await?[0];
+        if swap_tta {
+            let swapped = preprocess_record(&inner.tokenizer, &inner.preprocess, &record, true)
+                .map_err(js)?;
+            let s = score(&inner, &[&swapped]).await?[0];
+            p = [(p[0] + s[1]) / 2.0, (p[1] + s[0]) / 2.0];
+        }
+        let out = Prediction {
+            prob_model_a: p[0],
+            prob_model_b: p[1],
+            tokens: straight.input_ids.len(),
+            field_tokens: straight.field_tokens,
+            snipped: straight.snipped,
+            cut: straight.cut,
+        };
+        serde_json::to_string(&out).map_err(js)
+    }
+
+    /// Scores the first `limit` rows of a parquet or CSV file (either schema) and returns the Kaggle CSV
+    /// (`id,winner,prob_model_a,prob_model_b`).
+    #[wasm_bindgen(js_name = predictFile)]
+    pub async fn predict_file(
+        &self,
+        name: String,
+        bytes: Vec<u8>,
+        swap_tta: bool,
+        limit: usize,
+        batch_size: usize,
+    ) -> Result<String, JsError> {
+        let inner = self.0.clone();
+        let dataset = load_bytes(&name, bytes::Bytes::from(bytes), Format::Auto).map_err(js)?;
+        let records: Vec<Record> = dataset.records.into_iter().take(limit).collect();
+        let mut probs = Vec::with_capacity(records.len());
+        for chunk in records.chunks(batch_size.max(1)) {
+            let encode = |swap: bool| -> Result<Vec<Example>, JsError> {
+                chunk
+                    .iter()
+                    .map(|r| {
+                        preprocess_record(&inner.tokenizer, &inner.preprocess, r, swap)
+                            .map_err(|e| js(format!("{name}: row id {}: {e}", r.id)))
+                    })
+                    .collect()
+            };
+            let straight = encode(false)?;
+            let mut p = score(&inner, &straight.iter().collect::<Vec<_>>()).await?;
+            if swap_tta {
+                let swapped = encode(true)?;
+                let s = score(&inner, &swapped.iter().collect::<Vec<_>>()).await?;
+                for (a, b) in p.iter_mut().zip(s) {
+                    *a = [(a[0] + b[1]) / 2.0, (a[1] + b[0]) / 2.0];
+                }
+            }
+            probs.extend(p);
+        }
+        let mut csv = String::from("id,winner");
+        for l in &inner.labels {
+            csv.push_str(&format!(",prob_{l}"));
+        }
+        csv.push('\n');
+        for (r, p) in records.iter().zip(&probs) {
+            let winner = if p[1] > p[0] {
+                &inner.labels[1]
+            } else {
+                &inner.labels[0]
+            };
+            let id = if r.id.contains([',', '"', '\n']) {
+                format!("\"{}\"", r.id.replace('"', "\"\""))
+            } else {
+                r.id.clone()
+            };
+            csv.push_str(&format!("{id},{winner},{:.6},{:.6}\n", p[0], p[1]));
+        }
+        Ok(csv)
+    }
+}
+
+/// Softmax probabilities `[P(A), P(B)]` of each example, read back asynchronously.
+async fn score(inner: &Inner, examples: &[&Example]) -> Result<Vec<[f32; 2]>, JsError> {
+    let rows: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
+    let logits = inner.model.forward_batch(&collate(&rows, 0), &inner.device);
+    let data = softmax(logits.cast(FloatDType::F32), 1)
+        .into_data_async()
+        .await
+        .map_err(|e| js(format!("{e:?}")))?;
+    let values: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| js(format!("{e:?}")))?;
+    Ok(values.chunks(2).map(|c| [c[0], c[1]]).collect())
+}
