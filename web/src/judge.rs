@@ -18,7 +18,7 @@ use shared::preprocess::{Example, PreprocessConfig, preprocess_record};
 use shared::tokenizer::{EnginePreference, Tokenizer};
 use wasm_bindgen::prelude::*;
 
-struct Inner {
+pub(crate) struct Inner {
     model: Gemma2ForSequenceClassification,
     tokenizer: Tokenizer,
     preprocess: PreprocessConfig,
@@ -32,18 +32,18 @@ struct Inner {
 pub struct Judge(Rc<Inner>);
 
 /// One comparison's prediction.
-#[derive(Serialize)]
-struct Prediction {
-    prob_model_a: f32,
-    prob_model_b: f32,
+#[derive(Serialize, Clone, Debug)]
+pub(crate) struct Prediction {
+    pub(crate) prob_model_a: f32,
+    pub(crate) prob_model_b: f32,
     /// Model input length (BOS and EOS included).
-    tokens: usize,
+    pub(crate) tokens: usize,
     /// Tokens of prompt, response A and response B before truncation.
-    field_tokens: [usize; 3],
+    pub(crate) field_tokens: [usize; 3],
     /// Which of prompt, A and B were snipped by smart truncation.
-    snipped: [bool; 3],
+    pub(crate) snipped: [bool; 3],
     /// The templated text was cut at the model's input length.
-    cut: bool,
+    pub(crate) cut: bool,
 }
 
 fn js(e: impl std::fmt::Display) -> JsError {
@@ -52,12 +52,12 @@ fn js(e: impl std::fmt::Display) -> JsError {
 
 /// The device for `backend`: `webgpu` (an error without it), `cpu`, or `auto` (WebGPU when the browser has it,
 /// else the CPU). Returns the device and its name.
-async fn pick_device(backend: &str) -> Result<(Device, String), JsError> {
+async fn pick_device(backend: &str) -> Result<(Device, String), String> {
     if backend != "cpu" {
         match Device::wgpu_options().init_async().await {
             Ok(device) => return Ok((device, "webgpu".into())),
             Err(e) if backend == "webgpu" => {
-                return Err(js(format!("WebGPU is not available here: {e:?}")));
+                return Err(format!("WebGPU is not available here: {e:?}"));
             }
             Err(_) => {}
         }
@@ -76,29 +76,16 @@ impl Judge {
         weights: Vec<u8>,
         backend: String,
     ) -> Result<Judge, JsError> {
-        let config = Gemma2Config::from_hf_json("config.json", &config_json).map_err(js)?;
-        let tokenizer = Tokenizer::from_json_bytes(
-            "tokenizer.json",
+        Inner::load(
+            &config_json,
             &tokenizer_json,
-            EnginePreference::Fastest,
+            weights_name,
+            weights,
+            &backend,
         )
-        .map_err(js)?;
-        let checkpoint = Checkpoint::from_files(vec![(weights_name, weights)]).map_err(js)?;
-        let (device, backend) = pick_device(&backend).await?;
-        let loaded = from_checkpoint(config, &checkpoint, &device).map_err(js)?;
-        let model = if backend == "webgpu" && device.supports_dtype(FloatDType::F16) {
-            loaded.model.cast(FloatDType::F16)
-        } else {
-            loaded.model
-        };
-        Ok(Judge(Rc::new(Inner {
-            model,
-            tokenizer,
-            preprocess: PreprocessConfig::default(),
-            device,
-            backend,
-            labels: loaded.config.labels,
-        })))
+        .await
+        .map(|inner| Judge(Rc::new(inner)))
+        .map_err(js)
     }
 
     /// `webgpu` or `cpu`.
@@ -117,33 +104,10 @@ impl Judge {
         swap_tta: bool,
     ) -> Result<String, JsError> {
         let inner = self.0.clone();
-        let record = Record {
-            id: "input".into(),
-            prompt,
-            response_a,
-            response_b,
-            label: Label::Tie,
-            model_a: None,
-            model_b: None,
-            language: None,
-        };
-        let straight =
-            preprocess_record(&inner.tokenizer, &inner.preprocess, &record, false).map_err(js)?;
-        let mut p = score(&inner, &[&straight]).await?[0];
-        if swap_tta {
-            let swapped = preprocess_record(&inner.tokenizer, &inner.preprocess, &record, true)
-                .map_err(js)?;
-            let s = score(&inner, &[&swapped]).await?[0];
-            p = [(p[0] + s[1]) / 2.0, (p[1] + s[0]) / 2.0];
-        }
-        let out = Prediction {
-            prob_model_a: p[0],
-            prob_model_b: p[1],
-            tokens: straight.input_ids.len(),
-            field_tokens: straight.field_tokens,
-            snipped: straight.snipped,
-            cut: straight.cut,
-        };
+        let out = inner
+            .predict(prompt, response_a, response_b, swap_tta)
+            .await
+            .map_err(js)?;
         serde_json::to_string(&out).map_err(js)
     }
 
@@ -161,38 +125,130 @@ impl Judge {
         let inner = self.0.clone();
         let dataset = load_bytes(&name, bytes::Bytes::from(bytes), Format::Auto).map_err(js)?;
         let records: Vec<Record> = dataset.records.into_iter().take(limit).collect();
+        let probs = inner
+            .predict_records(&name, &records, swap_tta, batch_size, |_| {})
+            .await
+            .map_err(js)?;
+        Ok(inner.csv(&records, &probs))
+    }
+}
+
+impl Inner {
+    pub(crate) async fn load(
+        config_json: &[u8],
+        tokenizer_json: &[u8],
+        weights_name: String,
+        weights: Vec<u8>,
+        backend: &str,
+    ) -> Result<Inner, String> {
+        let config =
+            Gemma2Config::from_hf_json("config.json", config_json).map_err(|e| e.to_string())?;
+        let tokenizer =
+            Tokenizer::from_json_bytes("tokenizer.json", tokenizer_json, EnginePreference::Fastest)
+                .map_err(|e| e.to_string())?;
+        let checkpoint =
+            Checkpoint::from_files(vec![(weights_name, weights)]).map_err(|e| e.to_string())?;
+        let (device, backend) = pick_device(backend).await?;
+        let loaded = from_checkpoint(config, &checkpoint, &device).map_err(|e| e.to_string())?;
+        // f32 compute (weights as stored, f16 or int8, widened): the same numbers as `trainer predict`.
+        let model = loaded.model;
+        Ok(Inner {
+            model,
+            tokenizer,
+            preprocess: PreprocessConfig::default(),
+            device,
+            backend,
+            labels: loaded.config.labels,
+        })
+    }
+
+    pub(crate) fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    pub(crate) async fn predict(
+        &self,
+        prompt: String,
+        response_a: String,
+        response_b: String,
+        swap_tta: bool,
+    ) -> Result<Prediction, String> {
+        let record = Record {
+            id: "input".into(),
+            prompt,
+            response_a,
+            response_b,
+            label: Label::Tie,
+            model_a: None,
+            model_b: None,
+            language: None,
+        };
+        let straight = preprocess_record(&self.tokenizer, &self.preprocess, &record, false)
+            .map_err(|e| e.to_string())?;
+        let mut p = score(self, &[&straight]).await?[0];
+        if swap_tta {
+            let swapped = preprocess_record(&self.tokenizer, &self.preprocess, &record, true)
+                .map_err(|e| e.to_string())?;
+            let s = score(self, &[&swapped]).await?[0];
+            p = [(p[0] + s[1]) / 2.0, (p[1] + s[0]) / 2.0];
+        }
+        Ok(Prediction {
+            prob_model_a: p[0],
+            prob_model_b: p[1],
+            tokens: straight.input_ids.len(),
+            field_tokens: straight.field_tokens,
+            snipped: straight.snipped,
+            cut: straight.cut,
+        })
+    }
+
+    /// `[P(A), P(B)]` of every record, in batches; `progress(rows done)` after each.
+    pub(crate) async fn predict_records(
+        &self,
+        name: &str,
+        records: &[Record],
+        swap_tta: bool,
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<[f32; 2]>, String> {
         let mut probs = Vec::with_capacity(records.len());
         for chunk in records.chunks(batch_size.max(1)) {
-            let encode = |swap: bool| -> Result<Vec<Example>, JsError> {
+            let encode = |swap: bool| -> Result<Vec<Example>, String> {
                 chunk
                     .iter()
                     .map(|r| {
-                        preprocess_record(&inner.tokenizer, &inner.preprocess, r, swap)
-                            .map_err(|e| js(format!("{name}: row id {}: {e}", r.id)))
+                        preprocess_record(&self.tokenizer, &self.preprocess, r, swap)
+                            .map_err(|e| format!("{name}: row id {}: {e}", r.id))
                     })
                     .collect()
             };
             let straight = encode(false)?;
-            let mut p = score(&inner, &straight.iter().collect::<Vec<_>>()).await?;
+            let mut p = score(self, &straight.iter().collect::<Vec<_>>()).await?;
             if swap_tta {
                 let swapped = encode(true)?;
-                let s = score(&inner, &swapped.iter().collect::<Vec<_>>()).await?;
+                let s = score(self, &swapped.iter().collect::<Vec<_>>()).await?;
                 for (a, b) in p.iter_mut().zip(s) {
                     *a = [(a[0] + b[1]) / 2.0, (a[1] + b[0]) / 2.0];
                 }
             }
             probs.extend(p);
+            progress(probs.len());
         }
+        Ok(probs)
+    }
+
+    /// The Kaggle CSV (`id,winner,prob_model_a,prob_model_b`).
+    pub(crate) fn csv(&self, records: &[Record], probs: &[[f32; 2]]) -> String {
         let mut csv = String::from("id,winner");
-        for l in &inner.labels {
+        for l in &self.labels {
             csv.push_str(&format!(",prob_{l}"));
         }
         csv.push('\n');
-        for (r, p) in records.iter().zip(&probs) {
+        for (r, p) in records.iter().zip(probs) {
             let winner = if p[1] > p[0] {
-                &inner.labels[1]
+                &self.labels[1]
             } else {
-                &inner.labels[0]
+                &self.labels[0]
             };
             let id = if r.id.contains([',', '"', '\n']) {
                 format!("\"{}\"", r.id.replace('"', "\"\""))
@@ -201,18 +257,20 @@ impl Judge {
             };
             csv.push_str(&format!("{id},{winner},{:.6},{:.6}\n", p[0], p[1]));
         }
-        Ok(csv)
+        csv
     }
 }
 
 /// Softmax probabilities `[P(A), P(B)]` of each example, read back asynchronously.
-async fn score(inner: &Inner, examples: &[&Example]) -> Result<Vec<[f32; 2]>, JsError> {
+async fn score(inner: &Inner, examples: &[&Example]) -> Result<Vec<[f32; 2]>, String> {
     let rows: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
     let logits = inner.model.forward_batch(&collate(&rows, 0), &inner.device);
     let data = softmax(logits.cast(FloatDType::F32), 1)
         .into_data_async()
         .await
-        .map_err(|e| js(format!("{e:?}")))?;
-    let values: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| js(format!("{e:?}")))?;
+        .map_err(|e| format!("reading the model output: {e:?}"))?;
+    let values: Vec<f32> = data
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("reading the model output: {e:?}"))?;
     Ok(values.chunks(2).map(|c| [c[0], c[1]]).collect())
 }

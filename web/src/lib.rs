@@ -2,9 +2,24 @@
 //! JavaScript: the same loading, truncation and tokenization code as the trainer, so the page feeds the model
 //! exactly the ids the trainer would; and the model ([`Judge`]), on WebGPU or the CPU.
 
+mod app;
+mod bundle;
 mod judge;
 
 pub use judge::Judge;
+
+/// Mounts the app when loaded in a page (not under Node, where the module is used as a library).
+#[wasm_bindgen(start)]
+pub fn start() {
+    let root = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.get_element_by_id("arena-judge"))
+        .and_then(|e| e.dyn_into::<web_sys::HtmlElement>().ok());
+    if let Some(root) = root {
+        // The page lives as long as the tab: keep it mounted.
+        std::mem::forget(leptos::mount::mount_to(root, app::App));
+    }
+}
 
 use bytes::Bytes;
 use serde::Serialize;

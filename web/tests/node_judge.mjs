@@ -8,7 +8,7 @@ import test from "node:test";
 const require = createRequire(import.meta.url);
 const root = new URL("../../", import.meta.url).pathname;
 const { Judge } = require(`${root}target/web-node/web.js`);
-const bundle = `${root}target/test-demo/export/web/`;
+const bundle = `${root}runs/demo/export/web/`;
 const manifest = JSON.parse(readFileSync(`${bundle}manifest.json`, "utf8"));
 const ROWS = 12;
 

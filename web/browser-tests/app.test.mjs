@@ -1,0 +1,143 @@
+// The app in headless Chromium (Debian's, driven by playwright-core): it loads the demo bundle from dist/,
+// predicts the example pairs on WebGPU (SwiftShader here) and on the CPU fallback, matches `trainer predict`
+// on the same rows and bundle within 1e-3, and shows a clear error for a corrupt bundle.
+// Run by scripts/test.sh after `trunk build --release`; screenshots go to target/browser/.
+import { createServer } from "node:http";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync, cpSync, existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { extname, join, normalize } from "node:path";
+import { tmpdir } from "node:os";
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+const root = new URL("../../", import.meta.url).pathname;
+const require = createRequire(`${root}.cache/browser/`);
+const { chromium } = require("playwright-core");
+const dist = `${root}dist/`;
+const shots = `${root}target/browser/`;
+mkdirSync(shots, { recursive: true });
+
+// A corrupt copy of the bundle: the weights file is damaged, the manifest unchanged.
+const bad = mkdtempSync(join(tmpdir(), "arena-judge-bad-"));
+cpSync(`${dist}bundle`, bad, { recursive: true });
+const manifest = JSON.parse(readFileSync(`${dist}bundle/manifest.json`, "utf8"));
+const weightsFile = manifest.weights[0].file;
+const damaged = readFileSync(join(bad, weightsFile));
+damaged[damaged.length - 1] ^= 0xff;
+writeFileSync(join(bad, weightsFile), damaged);
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+let server;
+let base;
+before(async () => {
+  server = createServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    const [dir, rel] = path.startsWith("/bad/") ? [bad, path.slice(5)] : [dist, path.slice(1) || "index.html"];
+    const file = normalize(join(dir, rel));
+    if (!file.startsWith(dir) || !existsSync(file)) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
+    res.end(readFileSync(file));
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  base = `http://127.0.0.1:${server.address().port}/`;
+});
+after(() => server.close());
+
+const FLAGS = ["--no-sandbox", "--disable-background-networking", "--no-first-run", "--disable-component-update", "--disable-sync", "--disable-quic"];
+
+async function open(url, webgpu) {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: webgpu ? [...FLAGS, "--enable-unsafe-webgpu"] : FLAGS,
+  });
+  const page = await browser.newPage();
+  const logs = [];
+  page.on("console", (m) => logs.push(m.text()));
+  page.on("pageerror", (e) => logs.push(String(e)));
+  await page.goto(url);
+  return { browser, page, logs };
+}
+
+// `P(A)` of each of the sample's first rows, in file order: the app's examples are those rows, in order.
+// (An array, not an object: numeric ids as object keys would be reordered.)
+const native = readFileSync(`${root}target/test-demo/native-12.csv`, "utf8")
+  .trim()
+  .split("\n")
+  .slice(1)
+  .map((l) => Number(l.split(",")[2]));
+
+async function predictExamples(page, count) {
+  const got = [];
+  for (let i = 0; i < count; i++) {
+    const before = await page.locator("#result").getAttribute("data-pa").catch(() => null);
+    await page.click(`button[data-example="${i}"]`);
+    await page.waitForFunction(
+      (prev) => {
+        const r = document.querySelector("#result");
+        return r && r.dataset.pa !== prev && !document.querySelector("#predict").disabled;
+      },
+      before,
+      { timeout: 120_000 },
+    );
+    got.push(Number(await page.locator("#result").getAttribute("data-pa")));
+  }
+  return got;
+}
+
+async function waitReady(page, logs) {
+  try {
+    await page.waitForSelector('#status[data-status="ready"]', { timeout: 240_000 });
+  } catch (e) {
+    throw new Error(`the app did not get ready: ${await page.locator("#status").innerText()}\n${logs.join("\n")}`);
+  }
+}
+
+test("WebGPU: loads the demo bundle and predicts the examples as trainer predict does", async () => {
+  const { browser, page, logs } = await open(`${base}?backend=webgpu`, true);
+  try {
+    await waitReady(page, logs);
+    assert.equal(await page.locator("#backend").innerText(), "webgpu");
+    assert.equal(await page.locator("#cpu-banner").count(), 0);
+    const pa = await predictExamples(page, 3);
+    pa.forEach((p, i) => assert.ok(Math.abs(p - native[i]) < 1e-3, `example ${i}: browser ${p}, native ${native[i]}`));
+    const meta = await page.locator("#result .meta").innerText();
+    assert.match(meta, /tokens in/);
+    await page.screenshot({ path: `${shots}webgpu.png`, fullPage: true });
+    assert.match(await page.locator("#source").innerText(), /downloaded/);
+    // A reload takes the bundle from Cache Storage.
+    await page.reload();
+    await waitReady(page, logs);
+    assert.match(await page.locator("#source").innerText(), /from the browser cache/);
+  } finally {
+    await browser.close();
+  }
+});
+
+test("without WebGPU: the CPU fallback, with a banner, gives the same probabilities", async () => {
+  const { browser, page, logs } = await open(base, false);
+  try {
+    await waitReady(page, logs);
+    assert.equal(await page.locator("#backend").innerText(), "cpu");
+    assert.match(await page.locator("#cpu-banner").innerText(), /WebGPU is not available/);
+    const [p] = await predictExamples(page, 1);
+    assert.ok(Math.abs(p - native[0]) < 1e-3, `browser ${p}, native ${native[0]}`);
+    await page.screenshot({ path: `${shots}cpu.png`, fullPage: true });
+  } finally {
+    await browser.close();
+  }
+});
+
+test("a corrupt bundle shows a clear message", async () => {
+  const { browser, page } = await open(`${base}?bundle=bad/`, true);
+  try {
+    await page.waitForSelector('#status[data-status="error"]', { timeout: 120_000 });
+    const text = await page.locator("#load-error").innerText();
+    assert.match(text, new RegExp(`${weightsFile.replace(".", "\\.")} does not match the bundle's manifest`));
+    await page.screenshot({ path: `${shots}bad-bundle.png` });
+  } finally {
+    await browser.close();
+  }
+});
