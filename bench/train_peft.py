@@ -1,6 +1,6 @@
 """PyTorch + PEFT side of the LoRA training benchmark: the same loop as trainer/examples/bench_train.rs.
 
-    python bench/train_peft.py MODEL_DIR [cpu|cuda] SEQ STEPS [dtype]
+    python bench/train_peft.py MODEL_DIR [cpu|cuda] SEQ STEPS [float32|bfloat16]
 
 LoRA r 32, alpha 64, dropout 0.05 on q/k/v from layer 6; batch 1 of random ids; label-smoothed cross-entropy;
 AdamW (lr 2e-5, weight decay 0.01). Prints one JSON line: tokens/s, seconds per step, peak memory.

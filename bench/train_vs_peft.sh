@@ -24,22 +24,37 @@ MODEL="bench/out/gemma2-$PRESET"
 [ -f "$MODEL/config.json" ] || "$PY" bench/forward_vs_pytorch.py make "$MODEL" --preset "$PRESET"
 cargo build -q --release -p trainer --example bench_train
 
-if [ "$DEVICE" = gpu ]; then torch_dev=cuda; burn_devs="wgpu"; else torch_dev=cpu; burn_devs="cpu"; fi
-py=$("$PY" bench/train_peft.py "$MODEL" "$torch_dev" "$SEQ" "$STEPS" | tail -n 1)
+# On a GPU both sides train in half precision (the recipe's fp16: PyTorch bf16 autocast-free weights, our f16
+# base); on the CPU both in f32. PEAK_TFLOPS is the device's dense half-precision peak for MFU (H200: 989).
+if [ "$DEVICE" = gpu ]; then torch_dev=cuda; burn_devs="wgpu"; tdtype=bfloat16; bprec=f16; else torch_dev=cpu; burn_devs="cpu"; tdtype=float32; bprec=f32; fi
+py=$("$PY" bench/train_peft.py "$MODEL" "$torch_dev" "$SEQ" "$STEPS" "$tdtype" | tail -n 1)
 echo "pytorch+peft ($torch_dev): $py"
 results="{\"preset\": \"$PRESET\", \"pytorch\": $py"
 for d in $burn_devs; do
-  r=$(./target/release/examples/bench_train "$MODEL" "$d" "$SEQ" "$STEPS" 2>/dev/null | tail -n 1)
+  r=$(./target/release/examples/bench_train "$MODEL" "$d" "$SEQ" "$STEPS" "$bprec" 2>/dev/null | tail -n 1)
   echo "arena-judge ($d): $r"
   results="$results, \"burn_$d\": $r"
 done
 echo "$results}" > bench/out/train.json
-"$PY" - <<'PYEOF'
-import json
+MODEL="$MODEL" SEQ="$SEQ" DEVICE="$DEVICE" PEAK_TFLOPS="${PEAK_TFLOPS:-989}" "$PY" - <<'PYEOF'
+import json, os
 r = json.load(open("bench/out/train.json"))
+cfg = json.load(open(os.path.join(os.environ["MODEL"], "config.json")))
+h, L, seq = cfg["hidden_size"], cfg["num_hidden_layers"], int(os.environ["SEQ"])
+q, kv, inter = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"], cfg["intermediate_size"]
+n = L * (2 * h * q + 2 * h * kv + 3 * h * inter)  # non-embedding matmul parameters
+# Per token: forward 2N, backward through the frozen base for activations 2N (no weight gradients), and
+# attention scores and values 4 * seq * q per layer forward, twice that backward.
+flops_per_token = 4 * n + 12 * L * seq * q
 base = r["pytorch"]["tokens_per_s"]
 for k, v in r.items():
-    if k.startswith("burn_"):
-        print(f"{k}: {v['tokens_per_s']:.1f} tokens/s vs pytorch+peft {base:.1f} tokens/s = "
-              f"{v['tokens_per_s'] / base:.2f}x, peak {v['peak_rss_mib']:.0f} MiB vs {r['pytorch']['peak_mib']:.0f} MiB")
+    if not k.startswith("burn_"):
+        continue
+    line = (f"{k}: {v['tokens_per_s']:.1f} tokens/s vs pytorch+peft {base:.1f} tokens/s = "
+            f"{v['tokens_per_s'] / base:.2f}x, peak {v['peak_rss_mib']:.0f} MiB vs {r['pytorch']['peak_mib']:.0f} MiB")
+    if os.environ["DEVICE"] == "gpu":
+        peak = float(os.environ["PEAK_TFLOPS"]) * 1e12
+        line += (f"; MFU {100 * v['tokens_per_s'] * flops_per_token / peak:.1f}% "
+                 f"vs pytorch {100 * base * flops_per_token / peak:.1f}%")
+    print(line)
 PYEOF

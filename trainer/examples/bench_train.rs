@@ -2,7 +2,10 @@
 //! (r 32, alpha 64, q/k/v from layer 6), batch 1 at a fixed length, and peak resident memory.
 //! Run by bench/train_vs_peft.sh beside the same loop in PyTorch + PEFT.
 //!
-//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS]
+//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16]
+//!
+//! With `f16` the frozen base is cast to half precision (adapters and head stay f32), as `trainer train` does
+//! on a GPU.
 
 use std::time::Instant;
 
@@ -34,7 +37,17 @@ fn main() -> Result<()> {
         first_layer: 6.min(layers - 1),
         ..LoraConfig::default()
     };
-    let mut model = loaded.model.with_lora(&lora, &device)?;
+    let half = args.get(5).is_some_and(|p| p == "f16");
+    let base = if half {
+        loaded.model.cast(burn::tensor::FloatDType::F16)
+    } else {
+        loaded.model
+    };
+    let mut model = base.with_lora(&lora, &device)?;
+    if half {
+        let w = model.score.weight.val().cast(burn::tensor::FloatDType::F32);
+        model.score.weight = shared::model::lora::trainable("score.weight", w);
+    }
     let mut optim = AdamWConfig::new()
         .with_weight_decay(0.01)
         .with_epsilon(1e-8)
@@ -71,7 +84,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "tokens_per_s": (seq * steps) as f64 / seconds,
             "seconds_per_step": seconds / steps as f64,
-            "seq": seq, "steps": steps,
+            "seq": seq, "steps": steps, "precision": if half { "f16" } else { "f32" },
             "peak_rss_mib": peak_rss_mib(),
         })
     );
