@@ -58,26 +58,20 @@ pub enum WeightFormat {
     Int8,
 }
 
+/// A tensor's shape and its values as f32.
+fn read<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>), ExportError> {
+    let dims = t.dims().to_vec();
+    let v = t
+        .cast(FloatDType::F32)
+        .try_to_vec_as::<f32>()
+        .map_err(|e| ExportError::Read(format!("{e:?}")))?;
+    Ok((dims, v))
+}
+
 /// Every tensor of a merged classifier by Hugging Face key, in PyTorch's layout, as f32 values.
 pub fn hf_tensors(
     model: &Gemma2ForSequenceClassification,
 ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, ExportError> {
-    let read = |t: Tensor<2>| -> Result<(Vec<usize>, Vec<f32>), ExportError> {
-        let dims = t.dims().to_vec();
-        let v = t
-            .cast(FloatDType::F32)
-            .try_to_vec_as::<f32>()
-            .map_err(|e| ExportError::Read(format!("{e:?}")))?;
-        Ok((dims, v))
-    };
-    let read1 = |t: Tensor<1>| -> Result<(Vec<usize>, Vec<f32>), ExportError> {
-        let dims = t.dims().to_vec();
-        let v = t
-            .cast(FloatDType::F32)
-            .try_to_vec_as::<f32>()
-            .map_err(|e| ExportError::Read(format!("{e:?}")))?;
-        Ok((dims, v))
-    };
     let mut out = Vec::new();
     let mut push = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| {
         out.push((name, shape, values));
@@ -88,16 +82,7 @@ pub fn hf_tensors(
     );
     for (i, layer) in model.model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let (a, m) = (&layer.self_attn, &layer.mlp);
-        for (name, proj) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
+        for (name, proj) in model.projections(i) {
             if proj.lora.is_some() {
                 return Err(ExportError::Unmerged);
             }
@@ -119,12 +104,12 @@ pub fn hf_tensors(
                 &layer.post_feedforward_layernorm,
             ),
         ] {
-            push(format!("{p}.{name}.weight"), read1(norm.weight.val())?);
+            push(format!("{p}.{name}.weight"), read(norm.weight.val())?);
         }
     }
     push(
         "model.norm.weight".into(),
-        read1(model.model.norm.weight.val())?,
+        read(model.model.norm.weight.val())?,
     );
     push(
         "score.weight".into(),

@@ -929,15 +929,6 @@ fn load_checkpoint(
     Ok((model, optim, state))
 }
 
-/// Random-order rows of `split` for a quick look (the learning test picks 32).
-pub fn first_rows(split: &PreparedSplit, n: usize) -> PreparedSplit {
-    let mut out = PreparedSplit::with_capacity(n.min(split.len()));
-    for i in 0..n.min(split.len()) {
-        out.push(split.rows[i].clone(), split.input_ids(i));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

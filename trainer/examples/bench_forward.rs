@@ -5,6 +5,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use shared::batch::collate;
@@ -49,16 +51,8 @@ fn main() -> Result<()> {
             "rows_per_s": (batch * iters) as f64 / seconds,
             "seconds_per_batch": seconds / iters as f64,
             "batch": batch, "seq": seq, "iters": iters,
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": common::peak_rss_mib(),
         })
     );
     Ok(())
-}
-
-/// High-water mark of resident memory (Linux), MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }

@@ -9,6 +9,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 use anyhow::{Context, Result};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -85,16 +87,8 @@ fn main() -> Result<()> {
             "tokens_per_s": (seq * steps) as f64 / seconds,
             "seconds_per_step": seconds / steps as f64,
             "seq": seq, "steps": steps, "precision": if half { "f16" } else { "f32" },
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": common::peak_rss_mib(),
         })
     );
     Ok(())
-}
-
-/// High-water mark of resident memory (Linux), MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }

@@ -330,6 +330,21 @@ impl Gemma2ForSequenceClassification {
         self
     }
 
+    /// Every projection of layer `layer` with its name below the layer (`self_attn.q_proj`, ...).
+    pub fn projections(&self, layer: usize) -> [(&'static str, &Projection); 7] {
+        let l = &self.model.layers[layer];
+        let (a, m) = (&l.self_attn, &l.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
     /// Folds every adapter into its projection ([`Projection::merge`]).
     pub fn merge_lora(mut self) -> Self {
         for layer in &mut self.model.layers {
@@ -349,17 +364,8 @@ impl Gemma2ForSequenceClassification {
     /// as PyTorch stores them.
     pub fn trainable_tensors(&self) -> Vec<(String, Tensor<2>)> {
         let mut out = Vec::new();
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            let named: [(&str, &Projection); 7] = [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ];
+        for i in 0..self.model.layers.len() {
+            let named = self.projections(i);
             for (name, p) in named {
                 if let Some(l) = &p.lora {
                     let key = format!("model.layers.{i}.{name}");
