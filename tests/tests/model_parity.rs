@@ -8,9 +8,9 @@ use arena_judge_tests::root;
 use burn::tensor::Device;
 use serde::Deserialize;
 use shared::batch::collate;
-use shared::model::Gemma2Config;
 use shared::model::load::{LoadError, from_checkpoint, load_hf_dir};
 use shared::model::weights::{Checkpoint, WeightsError};
+use shared::model::{Gemma2Config, Placement};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -104,6 +104,44 @@ fn tiny_model_matches_transformers_on_the_cpu_backend() {
 fn tiny_model_matches_transformers_on_wgpu() {
     // On a machine without a GPU this runs on Mesa's lavapipe (Vulkan on the CPU).
     check_tiny(&Device::wgpu(Default::default()));
+}
+
+#[test]
+fn an_embedding_over_the_gpu_binding_limit_stays_in_host_memory() {
+    // A 1 MiB binding limit puts the tiny model's 256000-row table (over 30 MiB) on the CPU backend while the layers
+    // run on wgpu (lavapipe here): the numbers must not change.
+    let gpu = Device::wgpu(Default::default());
+    let placement = Placement::new(gpu.clone(), Some(1 << 20));
+    let expected = tiny_expected();
+    let loaded = load_hf_dir(&tiny_dir(), placement).unwrap();
+    assert_eq!(loaded.model.embedding_device(), Device::flex());
+    assert_eq!(loaded.model.model.norm.weight.device(), gpu);
+    let rows: Vec<&[u32]> = expected
+        .rows
+        .iter()
+        .map(|r| r.input_ids.as_slice())
+        .collect();
+    let want: Vec<Vec<f32>> = expected.rows.iter().map(|r| r.logits.clone()).collect();
+    assert_close(&logits(&loaded.model, &rows, &gpu), &want, "host embedding");
+    // Half precision casts the layers; the host table keeps f32 and its rows are cast on the way in.
+    let half = loaded.model.cast(burn::tensor::FloatDType::F16);
+    assert_eq!(
+        half.model.embed_tokens.val().dtype(),
+        burn::tensor::DType::F32
+    );
+    assert_eq!(
+        half.model.norm.weight.val().dtype(),
+        burn::tensor::DType::F16
+    );
+    let got = logits(&half, &rows, &gpu);
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() < 0.05,
+                "f16 with a host table: {g:?} vs {w:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -232,6 +270,33 @@ fn f32_bf16_f16_and_sharded_checkpoints_load() {
             variant,
         );
     }
+}
+
+#[test]
+fn an_f16_checkpoint_keeps_a_host_table_in_f16() {
+    // Over the binding limit, the f16 checkpoint's table stays f16 on the host (half the memory of f32) and the
+    // logits equal transformers' on the same checkpoint.
+    let expected: DtypeExpected =
+        serde_json::from_slice(&std::fs::read(dtypes_dir().join("expected.json")).unwrap())
+            .unwrap();
+    let rows: Vec<&[u32]> = expected.rows.iter().map(Vec::as_slice).collect();
+    let gpu = Device::wgpu(Default::default());
+    let model = load_hf_dir(
+        &dtypes_dir().join("f16"),
+        Placement::new(gpu.clone(), Some(1024)),
+    )
+    .unwrap()
+    .model;
+    assert_eq!(model.embedding_device(), Device::flex());
+    assert_eq!(
+        model.model.embed_tokens.val().dtype(),
+        burn::tensor::DType::F16
+    );
+    assert_close(
+        &logits(&model, &rows, &gpu),
+        &expected.logits["f16"],
+        "f16, host table",
+    );
 }
 
 #[test]

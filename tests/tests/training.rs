@@ -11,7 +11,7 @@ use shared::batch::collate;
 use shared::cache::{PreparedSplit, RowMeta};
 use shared::data::{Format, load_file};
 use shared::model::lora::LoraConfig;
-use shared::model::{Gemma2Config, Gemma2ForSequenceClassification};
+use shared::model::{Gemma2Config, Gemma2ForSequenceClassification, Placement};
 use shared::preprocess::{PreprocessConfig, preprocess_record};
 use shared::train::{Quiet, RunDir, TrainConfig, TrainData, smoothed_cross_entropy, train};
 
@@ -333,12 +333,27 @@ fn export_reloads_to_the_same_logits_in_every_format() {
 #[test]
 fn training_steps_run_on_wgpu_and_lower_the_loss() {
     let device = Device::wgpu(Default::default()).autodiff();
+    wgpu_training_lowers_the_loss(Placement::from(&device));
+}
+
+#[test]
+fn training_on_wgpu_with_the_embedding_in_host_memory() {
+    // The table goes to the CPU backend (over a 1 KiB binding limit): gradients must still reach the adapters on
+    // the GPU through the host-to-device copy of the looked-up rows.
+    let device = Device::wgpu(Default::default()).autodiff();
+    wgpu_training_lowers_the_loss(Placement::new(device, Some(1024)));
+}
+
+fn wgpu_training_lowers_the_loss(placement: Placement) {
+    let device = placement.compute.clone();
     device.seed(3);
     let small = Gemma2Config {
         vocab_size: 512,
         ..config()
     };
-    let model = small.init(&device).with_lora(&lora(4), &device).unwrap();
+    let host = !placement.fits(512 * small.hidden_size as u64 * 4);
+    let model = small.init(placement).with_lora(&lora(4), &device).unwrap();
+    assert_eq!(model.embedding_device() == Device::flex(), host);
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 500 + 2) as u32).collect();
     let batch = collate(&[&ids[..24], &ids[..16]], 0);
     let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32, 1], [2]), &device);

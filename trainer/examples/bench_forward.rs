@@ -19,7 +19,12 @@ fn main() -> Result<()> {
         .context("usage: bench_forward MODEL_DIR [cpu|wgpu] [BATCH] [SEQ] [ITERS]")?;
     let device = match args.get(2).map(String::as_str) {
         Some("cpu") => Device::flex(),
-        _ => Device::wgpu(Default::default()),
+        // The adapter's own limits decide where the token embedding goes.
+        _ => {
+            shared::model::placement::wgpu()
+                .map_err(|e| anyhow::anyhow!(e))?
+                .compute
+        }
     };
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);

@@ -27,7 +27,12 @@ fn main() -> Result<()> {
         .context("usage: bench_train MODEL_DIR [cpu|wgpu] [SEQ] [STEPS]")?;
     let device = match args.get(2).map(String::as_str) {
         Some("cpu") => Device::flex(),
-        _ => Device::wgpu(Default::default()),
+        // The adapter's own limits decide where the token embedding goes.
+        _ => {
+            shared::model::placement::wgpu()
+                .map_err(|e| anyhow::anyhow!(e))?
+                .compute
+        }
     }
     .autodiff();
     let num =

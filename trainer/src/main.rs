@@ -278,10 +278,14 @@ enum DeviceArg {
 }
 
 impl DeviceArg {
-    fn device(self) -> burn::tensor::Device {
+    /// The device. wgpu opens the adapter with its own limits, which decide whether a large token embedding
+    /// stays in host memory (`shared::model::placement`).
+    fn device(self) -> Result<burn::tensor::Device> {
         match self {
-            DeviceArg::Wgpu => burn::tensor::Device::wgpu(Default::default()),
-            DeviceArg::Cpu => burn::tensor::Device::flex(),
+            DeviceArg::Wgpu => shared::model::placement::wgpu()
+                .map(|p| p.compute)
+                .map_err(|e| anyhow::anyhow!("cannot open a wgpu adapter: {e}")),
+            DeviceArg::Cpu => Ok(burn::tensor::Device::flex()),
         }
     }
 }
@@ -387,7 +391,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         tokenizer,
         config,
         resume: args.resume,
-        device: args.device.device().autodiff(),
+        device: args.device.device()?.autodiff(),
     })?;
     println!("run: {}", out.display());
     println!("curves: {}", out.join("curves.svg").display());
@@ -403,7 +407,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         out: args.out,
         batch_size: args.batch_size,
         tokenizer: args.tokenizer,
-        device: args.device.device(),
+        device: args.device.device()?,
     })?;
     print!("{}", report.summary());
     println!("report: {}", out.join("report.json").display());
@@ -455,7 +459,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         tokenizer,
         config,
         resume: false,
-        device: args.device.device().autodiff(),
+        device: args.device.device()?.autodiff(),
     })?;
     println!("\n== evaluation on the test split (straight and swapped)");
     let (eval_dir, report) = run::run_eval(run::EvalJob {
@@ -466,7 +470,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         out: None,
         batch_size: 16,
         tokenizer: None,
-        device: args.device.device(),
+        device: args.device.device()?,
     })?;
     print!("{}", report.summary());
     println!("\n== export");
@@ -555,7 +559,7 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
 }
 
 fn run_predict(args: PredictArgs) -> Result<()> {
-    let device = args.device.device();
+    let device = args.device.device()?;
     let started = Instant::now();
     let loaded = shared::model::load::load_hf_dir(&args.model, &device)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;

@@ -18,11 +18,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::{gelu_approximate, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Gemma2Config, LayerType};
 use super::lora::Projection;
+use super::placement::Placement;
 
 /// RMSNorm with Gemma's **(1 + w)** scale: the weight is an offset from one, so a zero-initialised norm is the
 /// identity scale. Computed in f32 whatever the activation dtype, as transformers does.
@@ -227,8 +228,18 @@ impl Mlp {
     /// `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down_proj
-            .forward(gelu_approximate(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+            .forward(gelu_tanh(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`):
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`. burn's `gelu_approximate` computes the same with `powf` for the
+/// cube, which on the CPU backend costs more than the two multiplications here.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube * 0.044715) * SQRT_2_OVER_PI;
+    (x * (inner.tanh() + 1.0)) * 0.5
 }
 
 /// One block with Gemma-2's **sandwich norms** around attention and around the feed-forward block.
@@ -277,33 +288,81 @@ pub struct Gemma2Model {
 impl Gemma2Model {
     /// # Shapes
     /// `input_ids`: `[batch, seq]` → hidden states `[batch, seq, hidden]`
+    ///
+    /// `input_ids` may be on the embedding's device or the compute device (see [`super::placement`]); the
+    /// layers run where the final norm's weight is.
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let mut pass = self.begin(input_ids);
+        while self.step(&mut pass) {}
+        self.finish(pass)
+    }
+
+    /// The embedded input, ready for the first layer. With [`step`](Self::step) and [`finish`](Self::finish),
+    /// the forward pass one decoder layer at a time, for a caller that must give control back between layers
+    /// (the browser's CPU fallback computes on the page's own thread).
+    pub fn begin(&self, input_ids: Tensor<2, Int>) -> Pass {
         let [_, seq] = input_ids.dims();
-        let device = input_ids.device();
+        let norm = self.norm.weight.val();
+        let (device, dtype) = (norm.device(), norm.dtype());
         let embed = self.embed_tokens.val();
-        let mut x = burn::tensor::module::embedding(embed, input_ids); // [batch, seq, hidden]
+        let ids = input_ids.to_device(&embed.device());
+        // [batch, seq, hidden] in the activation dtype (a host table keeps its own: f32, or f16 as stored), then
+        // moved to the compute device when the table lives on the host (a no-op otherwise). The cast comes first so
+        // the GPU never receives a dtype it may not support.
+        let x = burn::tensor::module::embedding(embed, ids)
+            .cast(dtype)
+            .to_device(&device);
         // **Embedding scale**: times sqrt(hidden); a scalar takes the tensor's dtype, so in bf16 the factor is
         // rounded to bf16 first, as transformers does.
-        x = x.mul_scalar((self.hidden_size as f64).sqrt());
-        let rope = Rope::new(seq, self.head_dim, self.rope_theta, &device);
-        let full = attention_mask(seq, None, &device);
-        let mut local: Option<(usize, Tensor<2, Bool>)> = None;
-        for layer in &self.layers {
-            let mask = match layer.sliding_window {
-                Some(w) => match &local {
-                    Some((lw, m)) if *lw == w => m.clone(),
-                    _ => {
-                        let m = attention_mask(seq, Some(w), &device);
-                        local = Some((w, m.clone()));
-                        m
-                    }
-                },
-                None => full.clone(),
-            };
-            x = layer.forward(x, &rope, mask);
+        let x = x.mul_scalar((self.hidden_size as f64).sqrt());
+        Pass {
+            x,
+            rope: Rope::new(seq, self.head_dim, self.rope_theta, &device),
+            full: attention_mask(seq, None, &device),
+            local: None,
+            next: 0,
         }
-        self.norm.forward(x)
     }
+
+    /// Runs the next decoder layer; `false` once every layer has run.
+    pub fn step(&self, pass: &mut Pass) -> bool {
+        let Some(layer) = self.layers.get(pass.next) else {
+            return false;
+        };
+        let [_, seq, _] = pass.x.dims();
+        let mask = match layer.sliding_window {
+            Some(w) => match &pass.local {
+                Some((lw, m)) if *lw == w => m.clone(),
+                _ => {
+                    let m = attention_mask(seq, Some(w), &pass.x.device());
+                    pass.local = Some((w, m.clone()));
+                    m
+                }
+            },
+            None => pass.full.clone(),
+        };
+        let device = pass.x.device();
+        // Take x out (a placeholder stays) so the layer owns its only handle and can reuse the buffer.
+        let x = std::mem::replace(&mut pass.x, Tensor::empty([0, 0, 0], &device));
+        pass.x = layer.forward(x, &pass.rope, mask);
+        pass.next += 1;
+        true
+    }
+
+    /// The final norm, once every layer has run: hidden states `[batch, seq, hidden]`.
+    pub fn finish(&self, pass: Pass) -> Tensor<3> {
+        self.norm.forward(pass.x)
+    }
+}
+
+/// A forward pass in progress (see [`Gemma2Model::begin`]).
+pub struct Pass {
+    x: Tensor<3>,
+    rope: Rope,
+    full: Tensor<2, Bool>,
+    /// The sliding-window mask, built on first use and shared by every local layer.
+    local: Option<(usize, Tensor<2, Bool>)>,
+    next: usize,
 }
 
 /// `Gemma2ForSequenceClassification`.
@@ -321,7 +380,14 @@ impl Gemma2ForSequenceClassification {
     /// # Shapes
     /// `input_ids`: `[batch, seq]`, `last`: `[batch]` (index of the last non-padding token) → `[batch, num_labels]`
     pub fn forward(&self, input_ids: Tensor<2, Int>, last: Tensor<1, Int>) -> Tensor<2> {
-        let hidden = self.model.forward(input_ids); // [batch, seq, hidden]
+        self.classify(self.model.forward(input_ids), last)
+    }
+
+    /// The head on the body's output: pool the last real token of each row, then `score`.
+    ///
+    /// # Shapes
+    /// `hidden`: `[batch, seq, hidden]`, `last`: `[batch]` → `[batch, num_labels]`
+    pub fn classify(&self, hidden: Tensor<3>, last: Tensor<1, Int>) -> Tensor<2> {
         let [batch, _, width] = hidden.dims();
         let index = last.reshape([batch, 1, 1]).expand([batch, 1, width]);
         let pooled = hidden.gather(1, index).reshape([batch, width]); // [batch, hidden]
@@ -330,10 +396,18 @@ impl Gemma2ForSequenceClassification {
         self.score.forward(pooled)
     }
 
-    /// [`forward`](Self::forward) on a padded [`crate::batch::Batch`].
+    /// [`forward`](Self::forward) on a padded [`crate::batch::Batch`]; `device` is the compute device. The ids
+    /// are created where the embedding table is, so a host-side table never reads them back from a GPU.
     pub fn forward_batch(&self, batch: &crate::batch::Batch, device: &Device) -> Tensor<2> {
-        let (ids, last) = batch_tensors(batch, device);
+        let (_, last) = batch_tensors(batch, device);
+        let (ids, _) = batch_tensors(batch, &self.model.embed_tokens.device());
         self.forward(ids, last)
+    }
+
+    /// The device the token embedding lives on: the compute device, or the host when the table is larger than
+    /// one GPU binding (see [`super::placement`]).
+    pub fn embedding_device(&self) -> Device {
+        self.model.embed_tokens.device()
     }
 }
 
@@ -382,6 +456,8 @@ pub trait ParamSource {
 /// identity scale.
 pub struct RandomInit<'a> {
     pub device: &'a Device,
+    /// Where the embedding table goes (see [`super::placement`]).
+    pub embedding_device: &'a Device,
 }
 
 impl RandomInit<'_> {
@@ -411,14 +487,23 @@ impl ParamSource for RandomInit<'_> {
         vocab: usize,
         hidden: usize,
     ) -> Result<Tensor<2>, Self::Error> {
-        Ok(Self::normal().init([vocab, hidden], self.device).val())
+        Ok(Self::normal()
+            .init([vocab, hidden], self.embedding_device)
+            .val())
     }
 }
 
 impl Gemma2Config {
     /// A randomly initialised classifier (see [`RandomInit`]).
-    pub fn init(&self, device: &Device) -> Gemma2ForSequenceClassification {
-        match self.build(&mut RandomInit { device }) {
+    /// `placement`: a device (`&device`), or a device with its binding limit ([`Placement`]).
+    pub fn init(&self, placement: impl Into<Placement>) -> Gemma2ForSequenceClassification {
+        let placement = placement.into();
+        let embedding_device = placement.embedding_device(self.vocab_size, self.hidden_size, 4);
+        let mut source = RandomInit {
+            device: &placement.compute,
+            embedding_device: &embedding_device,
+        };
+        match self.build(&mut source) {
             Ok(model) => model,
             Err(never) => match never {},
         }
@@ -611,7 +696,11 @@ mod tests {
     #[test]
     fn geglu_uses_the_tanh_approximation_of_gelu() {
         let x = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, -0.5], [2]), &dev());
-        let got = gelu_approximate(x).try_to_vec_as::<f32>().unwrap();
+        let got = gelu_tanh(x.clone()).try_to_vec_as::<f32>().unwrap();
+        let burns = burn::tensor::activation::gelu_approximate(x)
+            .try_to_vec_as::<f32>()
+            .unwrap();
+        assert!((got[0] - burns[0]).abs() < 1e-6 && (got[1] - burns[1]).abs() < 1e-6);
         let tanh_gelu = |v: f64| {
             0.5 * v
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
@@ -741,7 +830,18 @@ impl burn::module::ModuleMapper for CastFloats {
 impl Gemma2ForSequenceClassification {
     /// The model with its weights in `dtype`. Activations follow the weights; norms and softmax still compute in
     /// f32.
-    pub fn cast(self, dtype: FloatDType) -> Self {
-        self.map(&mut CastFloats(dtype))
+    ///
+    /// A host-side embedding table (see [`super::placement`]) keeps its dtype: the CPU backend need not compute in
+    /// half precision, and the forward pass casts the looked-up rows.
+    pub fn cast(mut self, dtype: FloatDType) -> Self {
+        let host = self.embedding_device();
+        if host == self.model.norm.weight.device() {
+            return self.map(&mut CastFloats(dtype));
+        }
+        let placeholder = Param::from_tensor(Tensor::zeros([1, 1], &host));
+        let table = std::mem::replace(&mut self.model.embed_tokens, placeholder);
+        self = self.map(&mut CastFloats(dtype));
+        self.model.embed_tokens = table;
+        self
     }
 }

@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::{ConfigError, Gemma2Config};
 use super::gemma2::{Gemma2ForSequenceClassification, ParamSource, RandomInit};
+use super::placement::Placement;
 use super::weights::{Checkpoint, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,13 @@ pub struct Loaded {
 
 /// Loads `dir/config.json` and its safetensors weights.
 #[cfg(feature = "native")]
-pub fn load_hf_dir(dir: &std::path::Path, device: &Device) -> Result<Loaded, LoadError> {
+///
+/// `placement`: a device (`&device`), or a device with its binding limit ([`Placement`]), which decides where
+/// the token embedding goes.
+pub fn load_hf_dir(
+    dir: &std::path::Path,
+    placement: impl Into<Placement>,
+) -> Result<Loaded, LoadError> {
     let path = dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
         file: path.display().to_string(),
@@ -39,7 +46,7 @@ pub fn load_hf_dir(dir: &std::path::Path, device: &Device) -> Result<Loaded, Loa
     })?;
     let config = Gemma2Config::from_hf_json(&path.display().to_string(), &bytes)?;
     let checkpoint = Checkpoint::open_dir(dir)?;
-    from_checkpoint(config, &checkpoint, device)
+    from_checkpoint(config, &checkpoint, placement)
 }
 
 /// Tensors a checkpoint may hold that the classifier does not use: a causal LM's head (tied to the embedding).
@@ -50,13 +57,16 @@ const IGNORED: &[&str] = &["lm_head.weight"];
 pub fn from_checkpoint(
     config: Gemma2Config,
     checkpoint: &Checkpoint,
-    device: &Device,
+    placement: impl Into<Placement>,
 ) -> Result<Loaded, LoadError> {
+    let placement = placement.into();
     let bare = !checkpoint.contains("model.embed_tokens.weight")
         && checkpoint.contains("embed_tokens.weight");
+    let embedding_device = placement.embedding_device(config.vocab_size, config.hidden_size, 4);
     let mut source = CheckpointSource {
         checkpoint,
-        device,
+        device: &placement.compute,
+        embedding_device: &embedding_device,
         bare,
         used: BTreeSet::new(),
         fresh_head: false,
@@ -94,6 +104,7 @@ pub fn from_checkpoint(
 struct CheckpointSource<'a> {
     checkpoint: &'a Checkpoint,
     device: &'a Device,
+    embedding_device: &'a Device,
     /// Keys without the `model.` prefix.
     bare: bool,
     used: BTreeSet<String>,
@@ -113,13 +124,20 @@ impl CheckpointSource<'_> {
         key: &str,
         shape: [usize; D],
     ) -> Result<Tensor<D>, WeightsError> {
+        let device = self.device;
+        self.read_on(key, shape, device)
+    }
+
+    fn read_on<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, WeightsError> {
         let key = self.key(key);
         let values = self.checkpoint.f32(&key, &shape)?;
         self.used.insert(key);
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape),
-            self.device,
-        ))
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 }
 
@@ -147,7 +165,21 @@ impl ParamSource for CheckpointSource<'_> {
         vocab: usize,
         hidden: usize,
     ) -> Result<Tensor<2>, WeightsError> {
-        self.read(key, [vocab, hidden])
+        let device = self.embedding_device;
+        if device != self.device {
+            // A host-side table (too large for one GPU binding) stored in f16 or int8 is kept in f16: half the
+            // memory of f32, which matters most in the browser's 4 GiB address space.
+            let k = self.key(key);
+            if let Some(values) = self.checkpoint.compact_f16(&k, &[vocab, hidden])? {
+                self.used.insert(k);
+                // The dtype must be named: from_data alone converts to the device's default (f32).
+                return Ok(Tensor::from_data(
+                    TensorData::new(values, [vocab, hidden]),
+                    (device, burn::tensor::DType::F16),
+                ));
+            }
+        }
+        self.read_on(key, [vocab, hidden], device)
     }
 
     fn head(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Linear, WeightsError> {
@@ -157,6 +189,7 @@ impl ParamSource for CheckpointSource<'_> {
         self.fresh_head = true;
         let Ok(head) = RandomInit {
             device: self.device,
+            embedding_device: self.embedding_device,
         }
         .linear(key, d_in, d_out);
         Ok(head)

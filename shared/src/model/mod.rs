@@ -4,7 +4,9 @@ pub mod config;
 pub mod gemma2;
 pub mod load;
 pub mod lora;
+pub mod placement;
 pub mod weights;
 
 pub use config::{Gemma2Config, LayerType};
 pub use gemma2::Gemma2ForSequenceClassification;
+pub use placement::Placement;

@@ -148,28 +148,7 @@ impl Checkpoint {
 
     /// The tensor `key` as f32 values, checked against `expected` shape.
     pub fn f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
-        let Some(&shard) = self.keys.get(key) else {
-            return Err(WeightsError::Missing {
-                key: key.into(),
-                expected: expected.to_vec(),
-            });
-        };
-        let (file, bytes) = &self.shards[shard];
-        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
-        let view = st.tensor(key).map_err(|e| WeightsError::Safetensors {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
-        if view.shape() != expected {
-            return Err(WeightsError::Shape {
-                key: key.into(),
-                expected: expected.to_vec(),
-                actual: view.shape().to_vec(),
-            });
-        }
+        let (file, view) = self.view(key, expected)?;
         let data = view.data();
         Ok(match view.dtype() {
             Dtype::F32 => data
@@ -195,11 +174,120 @@ impl Checkpoint {
             }
             other => {
                 return Err(WeightsError::Dtype {
-                    file: file.clone(),
+                    file: file.into(),
                     key: key.into(),
                     dtype: format!("{other:?}"),
                 });
             }
         })
+    }
+
+    /// The tensor `key` as f16 values when it is stored in f16 (exact) or int8 (dequantized, then rounded to f16:
+    /// a 2^-11 relative step under int8's 2^-8), checked against `expected` shape; `None` for f32 or bf16. Half
+    /// the memory of [`f32`](Self::f32), for tables kept in host memory.
+    pub fn compact_f16(
+        &self,
+        key: &str,
+        expected: &[usize],
+    ) -> Result<Option<Vec<half::f16>>, WeightsError> {
+        let (_, view) = self.view(key, expected)?;
+        match view.dtype() {
+            Dtype::F16 => Ok(Some(
+                view.data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            )),
+            Dtype::I8 if !expected.is_empty() => {
+                let rows = expected[0];
+                let scale = self.f32(&format!("{key}{SCALE_SUFFIX}"), &[rows])?;
+                let per_row = view.data().len() / rows.max(1);
+                Ok(Some(
+                    view.data()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &b)| {
+                            half::f16::from_f32(f32::from(b as i8) * scale[i / per_row.max(1)])
+                        })
+                        .collect(),
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The file holding `key` and the tensor, checked against `expected` shape.
+    fn view(
+        &self,
+        key: &str,
+        expected: &[usize],
+    ) -> Result<(&str, safetensors::tensor::TensorView<'_>), WeightsError> {
+        let Some(&shard) = self.keys.get(key) else {
+            return Err(WeightsError::Missing {
+                key: key.into(),
+                expected: expected.to_vec(),
+            });
+        };
+        let (file, bytes) = &self.shards[shard];
+        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        let view = st.tensor(key).map_err(|e| WeightsError::Safetensors {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        if view.shape() != expected {
+            return Err(WeightsError::Shape {
+                key: key.into(),
+                expected: expected.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        Ok((file, view))
+    }
+}
+
+#[cfg(all(test, feature = "native"))]
+mod tests {
+    use super::*;
+    use crate::export::{WeightFormat, serialize};
+
+    fn table() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) * 0.037).collect();
+        vec![("t".into(), vec![4, 6], values)]
+    }
+
+    #[test]
+    fn compact_f16_is_exact_for_f16_and_close_for_int8_and_absent_for_f32() {
+        let tensors = table();
+        let read = |format| {
+            let bytes = serialize(&tensors, format).unwrap();
+            let ck = Checkpoint::from_files(vec![("m.safetensors".into(), bytes)]).unwrap();
+            (
+                ck.f32("t", &[4, 6]).unwrap(),
+                ck.compact_f16("t", &[4, 6]).unwrap(),
+            )
+        };
+        let (_, none) = read(WeightFormat::F32);
+        assert!(none.is_none(), "f32 stays f32");
+        let (wide, half) = read(WeightFormat::F16);
+        let half = half.expect("f16 is kept");
+        assert!(wide.iter().zip(&half).all(|(w, h)| *w == h.to_f32()));
+        let (wide, half) = read(WeightFormat::Int8);
+        let half = half.expect("int8 becomes f16");
+        for (w, h) in wide.iter().zip(&half) {
+            assert!(
+                (w - h.to_f32()).abs() <= w.abs() * 1e-3 + 1e-6,
+                "{w} vs {h}"
+            );
+        }
+        // The shape is still checked.
+        let bytes = serialize(&tensors, WeightFormat::F16).unwrap();
+        let ck = Checkpoint::from_files(vec![("m.safetensors".into(), bytes)]).unwrap();
+        assert!(matches!(
+            ck.compact_f16("t", &[6, 4]),
+            Err(WeightsError::Shape { .. })
+        ));
     }
 }

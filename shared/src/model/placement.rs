@@ -1,0 +1,150 @@
+//! Where the classifier's weights live.
+//!
+//! A GPU kernel can bind only so large a buffer: WebGPU guarantees 128 MiB per storage binding, lavapipe allows
+//! no more, browsers rarely more than 2 GiB. Gemma-2's token embedding is `256000 × hidden`, which is 500 MiB for
+//! a hidden size of 512 in f32 and 1.2 GB for gemma-2-2b in f16; every other tensor is far smaller. The table is
+//! only ever indexed (the classifier has no LM head that would multiply by it), so when it does not fit, it stays
+//! in host memory on the CPU backend: each batch looks up its rows there and uploads just those
+//! (`[batch, seq, hidden]`, a few MB), and the layers run on the GPU.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::Device;
+
+/// The compute device and how large a tensor it can hold in one binding.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// Runs the layers and the head.
+    pub compute: Device,
+    /// The largest buffer one kernel may bind on `compute`, in bytes; `None` where there is no such limit (the
+    /// CPU backend).
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// The storage-buffer binding size every WebGPU adapter supports (`maxStorageBufferBindingSize`'s default);
+/// assumed for a GPU whose limits were not read.
+pub const WEBGPU_DEFAULT_BINDING_BYTES: u64 = 128 << 20;
+
+impl Placement {
+    /// `compute` with a known binding limit (read from the adapter when the device was opened).
+    pub fn new(compute: Device, max_binding_bytes: Option<u64>) -> Self {
+        Self {
+            compute,
+            max_binding_bytes,
+        }
+    }
+
+    /// Whether a tensor of `bytes` fits one binding on the compute device.
+    pub fn fits(&self, bytes: u64) -> bool {
+        self.max_binding_bytes.is_none_or(|max| bytes <= max)
+    }
+
+    /// The device for the token embedding of `vocab × hidden` values of `bytes_per_value` bytes: the compute
+    /// device when it fits there, else the host CPU.
+    pub fn embedding_device(&self, vocab: usize, hidden: usize, bytes_per_value: usize) -> Device {
+        let bytes = (vocab as u64) * (hidden as u64) * (bytes_per_value as u64);
+        if self.fits(bytes) {
+            self.compute.clone()
+        } else {
+            Device::flex()
+        }
+    }
+}
+
+/// The binding limit read when [`wgpu`] or [`wgpu_async`] opened the adapter; 0 until then. There is one wgpu
+/// runtime per process (per page in the browser), so one number.
+static OPENED_LIMIT: AtomicU64 = AtomicU64::new(0);
+
+/// Everything on `device`. A GPU's limit is the one read when it was opened by [`wgpu`] or [`wgpu_async`], or
+/// else WebGPU's default.
+impl From<&Device> for Placement {
+    fn from(device: &Device) -> Self {
+        let max = is_gpu(device).then(|| match OPENED_LIMIT.load(Ordering::Relaxed) {
+            0 => WEBGPU_DEFAULT_BINDING_BYTES,
+            opened => opened,
+        });
+        Self::new(device.clone(), max)
+    }
+}
+
+fn opened(device: Device, limits: &burn::tensor::wgpu::wgpu::Limits) -> Placement {
+    let max = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    OPENED_LIMIT.store(max, Ordering::Relaxed);
+    Placement::new(device, Some(max))
+}
+
+impl From<Device> for Placement {
+    fn from(device: Device) -> Self {
+        Self::from(&device)
+    }
+}
+
+/// Whether `device` is a wgpu device (Vulkan, Metal, DX12, WebGPU, lavapipe) rather than burn's CPU backend.
+pub fn is_gpu(device: &Device) -> bool {
+    format!("{device:?}").to_lowercase().contains("wgpu")
+}
+
+/// Opens the default wgpu adapter with its own limits (not WebGPU's defaults) and returns it with its largest
+/// storage binding. Only the first call opens it; later calls, and callers after the runtime was opened some
+/// other way, get the same device (with WebGPU's default limit assumed in the second case).
+#[cfg(not(target_family = "wasm"))]
+pub fn wgpu() -> Result<Placement, String> {
+    use std::sync::OnceLock;
+    static OPENED: OnceLock<Result<Placement, String>> = OnceLock::new();
+    OPENED
+        .get_or_init(|| {
+            match Device::wgpu_options().init_with_setup() {
+                Ok((device, setup)) => Ok(opened(device, &setup.device.limits())),
+                // Opened earlier by a tensor operation on the default device: that device is usable, its limits
+                // just were not read.
+                Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => {
+                    Ok(Placement::from(&Device::wgpu(Default::default())))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .clone()
+}
+
+/// [`wgpu`] for the browser: WebGPU with the adapter's own limits. The runtime opens once per page, so a second
+/// call (another bundle) gets the same device.
+pub async fn wgpu_async() -> Result<Placement, String> {
+    thread_local! {
+        static OPENED: std::cell::RefCell<Option<Placement>> = const { std::cell::RefCell::new(None) };
+    }
+    if let Some(p) = OPENED.with(|o| o.borrow().clone()) {
+        return Ok(p);
+    }
+    let (device, setup) = Device::wgpu_options()
+        .init_with_setup_async()
+        .await
+        .map_err(|e| e.to_string())?;
+    let placement = opened(device, &setup.device.limits());
+    OPENED.with(|o| *o.borrow_mut() = Some(placement.clone()));
+    Ok(placement)
+}
+
+#[cfg(all(test, feature = "native"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_has_no_binding_limit() {
+        let p = Placement::from(&Device::flex());
+        assert!(p.fits(u64::MAX));
+        assert!(!is_gpu(&p.compute));
+    }
+
+    #[test]
+    fn an_embedding_over_the_limit_goes_to_the_host() {
+        let gpu = Placement::new(Device::flex(), Some(1000));
+        // 10 × 25 f32 = 1000 bytes: fits exactly; one more row does not.
+        assert!(gpu.fits(10 * 25 * 4));
+        assert!(!gpu.fits(11 * 25 * 4));
+        let unknown = Placement::new(Device::flex(), Some(WEBGPU_DEFAULT_BINDING_BYTES));
+        // gemma-2-2b's table in f16 (1.2 GB) is over WebGPU's default binding.
+        assert!(!unknown.fits(256_000 * 2304 * 2));
+    }
+}
