@@ -18,8 +18,8 @@ mkdir -p target/test-demo
   --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv
 
 echo "== wasm32: build and check against the recipe fixture and the native model in Node"
-cargo build -p web --target wasm32-unknown-unknown --release
-wasm-bindgen --target nodejs --out-dir target/web-node target/wasm32-unknown-unknown/release/web.wasm
+cargo build -p web --target wasm32-unknown-unknown --profile wasm-release
+wasm-bindgen --target nodejs --out-dir target/web-node target/wasm32-unknown-unknown/wasm-release/web.wasm
 node --test web/tests/*.mjs
 
 echo "== the site: trunk build, then the app in headless Chromium (WebGPU on SwiftShader, and the CPU fallback)"

@@ -63,11 +63,13 @@ async function open(url, webgpu) {
 
 // `P(A)` of each of the sample's first rows, in file order: the app's examples are those rows, in order.
 // (An array, not an object: numeric ids as object keys would be reordered.)
-const native = readFileSync(`${root}target/test-demo/native-12.csv`, "utf8")
+const nativeRows = readFileSync(`${root}target/test-demo/native-12.csv`, "utf8")
   .trim()
   .split("\n")
   .slice(1)
-  .map((l) => Number(l.split(",")[2]));
+  .map((l) => l.split(","));
+const native = nativeRows.map((r) => Number(r[2]));
+const layers = JSON.parse(readFileSync(`${dist}bundle/config.json`, "utf8")).num_hidden_layers;
 
 async function predictExamples(page, count) {
   const got = [];
@@ -124,6 +126,9 @@ test("without WebGPU: the CPU fallback, with a banner, gives the same probabilit
     assert.match(await page.locator("#cpu-banner").innerText(), /WebGPU is not available/);
     const [p] = await predictExamples(page, 1);
     assert.ok(Math.abs(p - native[0]) < 1e-3, `browser ${p}, native ${native[0]}`);
+    // The page's thread computes here: it must have given the browser a turn after every layer.
+    const yields = Number(await page.locator("#result").getAttribute("data-yields"));
+    assert.ok(yields >= layers, `${yields} turns given back for ${layers} layers`);
     await page.screenshot({ path: `${shots}cpu.png`, fullPage: true });
   } finally {
     await browser.close();
@@ -137,6 +142,35 @@ test("a corrupt bundle shows a clear message", async () => {
     const text = await page.locator("#load-error").innerText();
     assert.match(text, new RegExp(`${weightsFile.replace(".", "\\.")} does not match the bundle's manifest`));
     await page.screenshot({ path: `${shots}bad-bundle.png` });
+  } finally {
+    await browser.close();
+  }
+});
+
+test("batch mode: a dropped parquet is scored as trainer predict scores it, with accuracy and a CSV", async () => {
+  const { browser, page, logs } = await open(`${base}?backend=cpu`, false);
+  try {
+    await waitReady(page, logs);
+    await page.fill("#batch-limit", String(nativeRows.length));
+    await page.setInputFiles("#batch-file", `${root}data/arena-sample.parquet`);
+    await page.waitForSelector("#batch-result", { timeout: 240_000 });
+    const summary = await page.locator("#batch-result p").first().innerText();
+    assert.match(summary, new RegExp(`^${nativeRows.length} rows in`));
+    assert.match(summary, new RegExp(`accuracy [01]\\.\\d{4} on ${nativeRows.length} labelled rows`));
+    // The download is the Kaggle CSV, row for row the same as trainer predict's.
+    const href = await page.locator("#batch-result a[download]").getAttribute("href");
+    const csv = await page.evaluate(async (u) => (await fetch(u)).text(), href);
+    const lines = csv.trim().split("\n");
+    assert.equal(lines[0], "id,winner,prob_model_a,prob_model_b");
+    assert.equal(lines.length - 1, nativeRows.length);
+    lines.slice(1).forEach((l, i) => {
+      const [id, winner, pa] = l.split(",");
+      assert.equal(id, nativeRows[i][0]);
+      if (Math.abs(native[i] - 0.5) > 1e-3) assert.equal(winner, nativeRows[i][1], `row ${id}`);
+      assert.ok(Math.abs(Number(pa) - native[i]) < 1e-3, `row ${id}: browser ${pa}, native ${native[i]}`);
+    });
+    assert.equal(await page.locator("#batch-result tbody tr").count(), nativeRows.length);
+    await page.screenshot({ path: `${shots}batch.png`, fullPage: true });
   } finally {
     await browser.close();
   }

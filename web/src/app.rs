@@ -12,7 +12,7 @@ use shared::data::{Format, Label, Record, load_bytes};
 use wasm_bindgen::JsCast;
 
 use crate::bundle;
-use crate::judge::{Inner, Prediction};
+use crate::judge::{Inner, Prediction, yield_now};
 
 /// The bundled real sample's first comparisons, for one-click examples.
 const SAMPLE: &[u8] = include_bytes!("../../data/arena-sample.parquet");
@@ -51,16 +51,6 @@ fn short(s: &str, n: usize) -> String {
     out
 }
 
-/// Yields to the browser so the page repaints between long steps.
-async fn yield_now() {
-    let promise = js_sys::Promise::new(&mut |resolve, _| {
-        if let Some(w) = web_sys::window() {
-            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, 0);
-        }
-    });
-    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
-}
-
 #[derive(Clone)]
 enum Status {
     Loading(String),
@@ -95,6 +85,8 @@ pub fn App() -> impl IntoView {
     let (error, set_error) = signal(None::<String>);
     let (batch, set_batch) = signal(None::<BatchResult>);
     let (batch_progress, set_batch_progress) = signal(String::new());
+    // Score only the first N rows of a dropped file (a whole competition file takes long on a CPU).
+    let (batch_limit, set_batch_limit) = signal(None::<usize>);
     let (source, set_source) = signal(String::new());
     let samples = StoredValue::new(examples());
 
@@ -202,6 +194,7 @@ pub fn App() -> impl IntoView {
             return;
         };
         let s = swap.get_untracked();
+        let limit = batch_limit.get_untracked();
         set_batch.set(None);
         set_error.set(None);
         spawn_local(async move {
@@ -214,7 +207,11 @@ pub fn App() -> impl IntoView {
                 }
             };
             let records = match load_bytes(&name, bytes::Bytes::from(buf), Format::Auto) {
-                Ok(d) => d.records,
+                Ok(d) => d
+                    .records
+                    .into_iter()
+                    .take(limit.unwrap_or(usize::MAX))
+                    .collect::<Vec<_>>(),
                 Err(e) => {
                     set_error.set(Some(e.to_string()));
                     return;
@@ -286,6 +283,7 @@ pub fn App() -> impl IntoView {
                             "Model ready on "
                             <strong id="backend">{move || model.get().map(|m| m.backend().to_string()).unwrap_or_default()}</strong>
                             <span class="meta" id="source">" (" {source} ")"</span>
+                            <span class="meta" id="placement">{move || model.get().map(|m| m.placement_note()).unwrap_or_default()}</span>
                         </p>
                     }.into_any(),
                     Status::Failed(e) => view! { <p class="error" id="load-error">"Could not load the model: " {e}</p> }.into_any(),
@@ -326,7 +324,7 @@ pub fn App() -> impl IntoView {
                 let parts = ["prompt", "answer A", "answer B"];
                 let snipped: Vec<&str> = parts.iter().zip(p.snipped).filter(|(_, s)| *s).map(|(n, _)| *n).collect();
                 view! {
-                    <section id="result" data-pa=format!("{:.6}", pa) data-pb=format!("{:.6}", p.prob_model_b)>
+                    <section id="result" data-pa=format!("{:.6}", pa) data-pb=format!("{:.6}", p.prob_model_b) data-yields=p.yields>
                         <div class="bar">
                             <div class="a" style=format!("width:{:.1}%", pa * 100.0)>{format!("A {:.1}%", pa * 100.0)}</div>
                             <div class="b" style=format!("width:{:.1}%", (1.0 - pa) * 100.0)>{format!("B {:.1}%", p.prob_model_b * 100.0)}</div>
@@ -347,6 +345,8 @@ pub fn App() -> impl IntoView {
             <section class="batch">
                 <h2>"Batch"</h2>
                 <p>"Drop a parquet or CSV file (WSDM or LMSYS format) to score every row; labels, if present, give the accuracy."</p>
+                <label class="inline">"First rows only: "<input type="number" id="batch-limit" min="1" placeholder="all"
+                    on:input=move |e| set_batch_limit.set(event_target_value(&e).trim().parse().ok().filter(|n| *n > 0))/></label>
                 <input type="file" id="batch-file" accept=".parquet,.csv" disabled=move || !ready() on:change=on_file/>
                 <p class="meta">{batch_progress}</p>
                 {move || batch.get().map(|b| view! {

@@ -11,9 +11,10 @@ use burn::tensor::{Device, FloatDType};
 use serde::Serialize;
 use shared::batch::collate;
 use shared::data::{Format, Label, Record, load_bytes};
+use shared::model::gemma2::batch_tensors;
 use shared::model::load::from_checkpoint;
 use shared::model::weights::Checkpoint;
-use shared::model::{Gemma2Config, Gemma2ForSequenceClassification};
+use shared::model::{Gemma2Config, Gemma2ForSequenceClassification, Placement};
 use shared::preprocess::{Example, PreprocessConfig, preprocess_record};
 use shared::tokenizer::{EnginePreference, Tokenizer};
 use wasm_bindgen::prelude::*;
@@ -24,6 +25,10 @@ pub(crate) struct Inner {
     preprocess: PreprocessConfig,
     device: Device,
     backend: String,
+    /// The largest GPU binding (bytes) when on WebGPU.
+    max_binding: Option<u64>,
+    /// Turns given back to the browser during CPU computation, in all.
+    yields: std::cell::Cell<usize>,
     labels: Vec<String>,
 }
 
@@ -44,6 +49,8 @@ pub(crate) struct Prediction {
     pub(crate) snipped: [bool; 3],
     /// The templated text was cut at the model's input length.
     pub(crate) cut: bool,
+    /// Times the computation gave the browser a turn (CPU backend: once per layer and pass).
+    pub(crate) yields: usize,
 }
 
 fn js(e: impl std::fmt::Display) -> JsError {
@@ -52,17 +59,18 @@ fn js(e: impl std::fmt::Display) -> JsError {
 
 /// The device for `backend`: `webgpu` (an error without it), `cpu`, or `auto` (WebGPU when the browser has it,
 /// else the CPU). Returns the device and its name.
-async fn pick_device(backend: &str) -> Result<(Device, String), String> {
+async fn pick_device(backend: &str) -> Result<(Placement, String), String> {
     if backend != "cpu" {
-        match Device::wgpu_options().init_async().await {
-            Ok(device) => return Ok((device, "webgpu".into())),
+        // The adapter's own limits, not WebGPU's defaults: they decide whether the token embedding fits on the GPU.
+        match shared::model::placement::wgpu_async().await {
+            Ok(placement) => return Ok((placement, "webgpu".into())),
             Err(e) if backend == "webgpu" => {
                 return Err(format!("WebGPU is not available here: {e:?}"));
             }
             Err(_) => {}
         }
     }
-    Ok((Device::flex(), "cpu".into()))
+    Ok((Placement::from(&Device::flex()), "cpu".into()))
 }
 
 #[wasm_bindgen]
@@ -148,8 +156,10 @@ impl Inner {
                 .map_err(|e| e.to_string())?;
         let checkpoint =
             Checkpoint::from_files(vec![(weights_name, weights)]).map_err(|e| e.to_string())?;
-        let (device, backend) = pick_device(backend).await?;
-        let loaded = from_checkpoint(config, &checkpoint, &device).map_err(|e| e.to_string())?;
+        let (placement, backend) = pick_device(backend).await?;
+        let device = placement.compute.clone();
+        let max_binding = placement.max_binding_bytes;
+        let loaded = from_checkpoint(config, &checkpoint, placement).map_err(|e| e.to_string())?;
         // f32 compute (weights as stored, f16 or int8, widened): the same numbers as `trainer predict`.
         let model = loaded.model;
         Ok(Inner {
@@ -158,12 +168,30 @@ impl Inner {
             preprocess: PreprocessConfig::default(),
             device,
             backend,
+            max_binding,
+            yields: std::cell::Cell::new(0),
             labels: loaded.config.labels,
         })
     }
 
     pub(crate) fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// Where the weights went: the GPU's binding limit and whether the embedding table stayed in host memory.
+    pub(crate) fn placement_note(&self) -> String {
+        let Some(max) = self.max_binding else {
+            return String::new();
+        };
+        let table = if self.model.embedding_device() == self.device {
+            "on the GPU"
+        } else {
+            "in CPU memory (over one GPU binding)"
+        };
+        format!(
+            " · largest GPU binding {} MiB; token embedding {table}",
+            max >> 20
+        )
     }
 
     pub(crate) async fn predict(
@@ -183,6 +211,7 @@ impl Inner {
             model_b: None,
             language: None,
         };
+        let yields_before = self.yields.get();
         let straight = preprocess_record(&self.tokenizer, &self.preprocess, &record, false)
             .map_err(|e| e.to_string())?;
         let mut p = score(self, &[&straight]).await?[0];
@@ -199,6 +228,7 @@ impl Inner {
             field_tokens: straight.field_tokens,
             snipped: straight.snipped,
             cut: straight.cut,
+            yields: self.yields.get() - yields_before,
         })
     }
 
@@ -261,10 +291,37 @@ impl Inner {
     }
 }
 
+#[wasm_bindgen]
+extern "C" {
+    /// The global `setTimeout`: a page's, a worker's or Node's.
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(callback: &js_sys::Function, ms: i32);
+}
+
+/// Gives the browser a turn (a macrotask): it can paint and handle input before the next step.
+pub(crate) async fn yield_now() {
+    let promise = js_sys::Promise::new(&mut |resolve, _| set_timeout(&resolve, 0));
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+}
+
 /// Softmax probabilities `[P(A), P(B)]` of each example, read back asynchronously.
 async fn score(inner: &Inner, examples: &[&Example]) -> Result<Vec<[f32; 2]>, String> {
     let rows: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
-    let logits = inner.model.forward_batch(&collate(&rows, 0), &inner.device);
+    let batch = collate(&rows, 0);
+    let (_, last) = batch_tensors(&batch, &inner.device);
+    let (ids, _) = batch_tensors(&batch, &inner.model.embedding_device());
+    let body = &inner.model.model;
+    let mut pass = body.begin(ids);
+    while body.step(&mut pass) {
+        // On the CPU backend each layer computes right here, on the page's thread: give the browser a turn
+        // between layers so the page keeps painting and answering input. (WebGPU work runs in the GPU process;
+        // submitting it returns at once.)
+        if inner.backend == "cpu" {
+            yield_now().await;
+            inner.yields.set(inner.yields.get() + 1);
+        }
+    }
+    let logits = inner.model.classify(body.finish(pass), last);
     let data = softmax(logits.cast(FloatDType::F32), 1)
         .into_data_async()
         .await
