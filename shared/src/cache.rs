@@ -164,11 +164,16 @@ impl PreparedSplit {
 
     pub fn read(path: &Path) -> Result<Self, CacheError> {
         let buf = std::fs::read(path).map_err(io(path))?;
+        Self::from_bytes(path, &buf)
+    }
+
+    /// Parses a split file's bytes; `path` only names it in errors.
+    pub fn from_bytes(path: &Path, buf: &[u8]) -> Result<Self, CacheError> {
         let corrupt = |message: &str| CacheError::Corrupt {
             path: path.into(),
             message: message.into(),
         };
-        let mut r = Reader { buf: &buf, pos: 0 };
+        let mut r = Reader { buf, pos: 0 };
         if r.take(8).ok_or_else(|| corrupt("too short"))? != MAGIC {
             return Err(corrupt("wrong magic bytes"));
         }
@@ -340,7 +345,7 @@ impl Manifest {
                 message: "content does not match the manifest's sha256".into(),
             });
         }
-        PreparedSplit::read(&path)
+        PreparedSplit::from_bytes(&path, &bytes)
     }
 }
 

@@ -225,13 +225,11 @@ impl TrainConfig {
         match self.precision {
             Precision::F32 => false,
             Precision::F16 => true,
-            Precision::Auto => is_gpu(device) && device.supports_dtype(f16),
+            Precision::Auto => {
+                crate::model::placement::is_gpu(device) && device.supports_dtype(f16)
+            }
         }
     }
-}
-
-fn is_gpu(device: &Device) -> bool {
-    format!("{device:?}").to_lowercase().contains("wgpu")
 }
 
 /// Cross-entropy with label smoothing, as PyTorch's `CrossEntropyLoss(label_smoothing=eps)`:
@@ -446,7 +444,9 @@ pub fn train(
         let chunk = &micro[(step * config.grad_accum).min(micro.len())
             ..((step + 1) * config.grad_accum).min(micro.len())];
         let mut accumulator = GradientsAccumulator::<Gemma2ForSequenceClassification>::new();
-        let mut step_loss = 0.0;
+        // The step's loss stays on the device until the step ends: reading it back after every micro-batch would
+        // make the device drain its queue each time.
+        let mut step_loss: Option<Tensor<1>> = None;
         for (k, rows) in chunk.iter().enumerate() {
             // Dropout draws from the device RNG: seed it from the position, so a resumed run draws the same.
             device.seed(
@@ -462,12 +462,19 @@ pub fn train(
             let logits = model.forward_batch(&batch, device);
             let loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
                 .div_scalar(chunk.len() as f64);
-            let value = scalar(loss.clone())?;
-            step_loss += value;
+            let value = loss.clone().detach();
+            step_loss = Some(match step_loss {
+                Some(sum) => sum + value,
+                None => value,
+            });
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
             rows_since_log += rows.len();
         }
+        let step_loss = match step_loss {
+            Some(sum) => scalar(sum)?,
+            None => 0.0,
+        };
         if !step_loss.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
