@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -41,10 +41,107 @@ pub const SCALE_SUFFIX: &str = "_scale";
 
 /// The tensors of a checkpoint, by Hugging Face key.
 pub struct Checkpoint {
-    /// `(file name, bytes)` of each shard.
-    shards: Vec<(String, Vec<u8>)>,
+    shards: Vec<Shard>,
     /// Key → shard index.
     keys: BTreeMap<String, usize>,
+}
+
+/// One safetensors file: its bytes and its parsed header.
+struct Shard {
+    file: String,
+    bytes: Vec<u8>,
+    tensors: BTreeMap<String, Entry>,
+    /// Where the data section starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+}
+
+/// A tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range within the data section.
+    data_offsets: [u64; 2],
+}
+
+/// A tensor's dtype, shape and bytes.
+struct View<'a> {
+    dtype: Dtype,
+    data: &'a [u8],
+}
+
+impl Shard {
+    /// Parses the header of a safetensors file: an 8-byte little-endian length, then a JSON object of tensor
+    /// entries (and an optional `__metadata__`). Our own reader rather than the `safetensors` crate's: that one
+    /// counts a tensor's size in bits in a `usize`, which overflows on wasm32 for a tensor of over 512M values
+    /// (gemma-2-2b's embedding has 590M). Sizes here are counted in u64.
+    fn parse(file: String, bytes: Vec<u8>) -> Result<Self, WeightsError> {
+        let bad = |message: String| WeightsError::Safetensors {
+            file: file.clone(),
+            message,
+        };
+        let len: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("shorter than its 8-byte header length".into()))?;
+        let header_len = u64::from_le_bytes(len);
+        let data_start = 8u64
+            .checked_add(header_len)
+            .filter(|&end| end <= bytes.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "header length {header_len} runs past the file's end"
+                ))
+            })? as usize;
+        let mut header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..data_start])
+                .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        header.remove("__metadata__");
+        let data_len = (bytes.len() - data_start) as u64;
+        let mut tensors = BTreeMap::new();
+        for (name, value) in header {
+            let entry: Entry =
+                serde_json::from_value(value).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+            let [start, end] = entry.data_offsets;
+            if start > end || end > data_len {
+                return Err(bad(format!(
+                    "tensor {name:?}: data {start}..{end} is outside the {data_len}-byte data section"
+                )));
+            }
+            if let Some(size) = dtype_bytes(entry.dtype) {
+                let want = entry
+                    .shape
+                    .iter()
+                    .try_fold(size, |n, &d| n.checked_mul(d as u64));
+                if want != Some(end - start) {
+                    return Err(bad(format!(
+                        "tensor {name:?}: {} bytes for shape {:?} of {:?}",
+                        end - start,
+                        entry.shape,
+                        entry.dtype
+                    )));
+                }
+            }
+            tensors.insert(name, entry);
+        }
+        Ok(Self {
+            file,
+            bytes,
+            tensors,
+            data_start,
+        })
+    }
+}
+
+/// Bytes per value of the dtypes a checkpoint may hold (`None`: not one we read).
+fn dtype_bytes(dtype: Dtype) -> Option<u64> {
+    match dtype {
+        Dtype::F64 | Dtype::I64 | Dtype::U64 => Some(8),
+        Dtype::F32 | Dtype::I32 | Dtype::U32 => Some(4),
+        Dtype::F16 | Dtype::BF16 | Dtype::I16 | Dtype::U16 => Some(2),
+        Dtype::I8 | Dtype::U8 | Dtype::BOOL => Some(1),
+        _ => None,
+    }
 }
 
 /// The `weight_map` of a sharded checkpoint's index.
@@ -120,16 +217,15 @@ impl Checkpoint {
     }
 
     /// A checkpoint from in-memory safetensors files (the browser fetches them).
-    pub fn from_files(shards: Vec<(String, Vec<u8>)>) -> Result<Self, WeightsError> {
+    pub fn from_files(files: Vec<(String, Vec<u8>)>) -> Result<Self, WeightsError> {
         let mut keys = BTreeMap::new();
-        for (i, (file, bytes)) in shards.iter().enumerate() {
-            let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
-                file: file.clone(),
-                message: e.to_string(),
-            })?;
-            for name in st.names() {
-                keys.insert(name.to_string(), i);
+        let mut shards = Vec::with_capacity(files.len());
+        for (i, (file, bytes)) in files.into_iter().enumerate() {
+            let shard = Shard::parse(file, bytes)?;
+            for name in shard.tensors.keys() {
+                keys.insert(name.clone(), i);
             }
+            shards.push(shard);
         }
         Ok(Self { shards, keys })
     }
@@ -149,8 +245,8 @@ impl Checkpoint {
     /// The tensor `key` as f32 values, checked against `expected` shape.
     pub fn f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         let (file, view) = self.view(key, expected)?;
-        let data = view.data();
-        Ok(match view.dtype() {
+        let data = view.data;
+        Ok(match view.dtype {
             Dtype::F32 => data
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -191,9 +287,9 @@ impl Checkpoint {
         expected: &[usize],
     ) -> Result<Option<Vec<half::f16>>, WeightsError> {
         let (_, view) = self.view(key, expected)?;
-        match view.dtype() {
+        match view.dtype {
             Dtype::F16 => Ok(Some(
-                view.data()
+                view.data
                     .chunks_exact(2)
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
                     .collect(),
@@ -201,9 +297,9 @@ impl Checkpoint {
             Dtype::I8 if !expected.is_empty() => {
                 let rows = expected[0];
                 let scale = self.f32(&format!("{key}{SCALE_SUFFIX}"), &[rows])?;
-                let per_row = view.data().len() / rows.max(1);
+                let per_row = view.data.len() / rows.max(1);
                 Ok(Some(
-                    view.data()
+                    view.data
                         .iter()
                         .enumerate()
                         .map(|(i, &b)| {
@@ -217,34 +313,36 @@ impl Checkpoint {
     }
 
     /// The file holding `key` and the tensor, checked against `expected` shape.
-    fn view(
-        &self,
-        key: &str,
-        expected: &[usize],
-    ) -> Result<(&str, safetensors::tensor::TensorView<'_>), WeightsError> {
-        let Some(&shard) = self.keys.get(key) else {
+    fn view(&self, key: &str, expected: &[usize]) -> Result<(&str, View<'_>), WeightsError> {
+        let Some(&i) = self.keys.get(key) else {
             return Err(WeightsError::Missing {
                 key: key.into(),
                 expected: expected.to_vec(),
             });
         };
-        let (file, bytes) = &self.shards[shard];
-        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
-        let view = st.tensor(key).map_err(|e| WeightsError::Safetensors {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
-        if view.shape() != expected {
+        let shard = &self.shards[i];
+        let Some(entry) = shard.tensors.get(key) else {
+            return Err(WeightsError::Missing {
+                key: key.into(),
+                expected: expected.to_vec(),
+            });
+        };
+        if entry.shape != expected {
             return Err(WeightsError::Shape {
                 key: key.into(),
                 expected: expected.to_vec(),
-                actual: view.shape().to_vec(),
+                actual: entry.shape.clone(),
             });
         }
-        Ok((file, view))
+        // In range: checked when the header was parsed.
+        let [start, end] = entry.data_offsets.map(|o| shard.data_start + o as usize);
+        Ok((
+            &shard.file,
+            View {
+                dtype: entry.dtype,
+                data: &shard.bytes[start..end],
+            },
+        ))
     }
 }
 
@@ -256,6 +354,51 @@ mod tests {
     fn table() -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) * 0.037).collect();
         vec![("t".into(), vec![4, 6], values)]
+    }
+
+    /// A safetensors file from a header (JSON) and a data section.
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn open(bytes: Vec<u8>) -> Result<Checkpoint, WeightsError> {
+        Checkpoint::from_files(vec![("m.safetensors".into(), bytes)])
+    }
+
+    #[test]
+    fn the_header_reader_checks_sizes_and_ranges() {
+        let ok = file(
+            r#"{"__metadata__":{"format":"pt"},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0, 0, 128, 63, 0, 0, 0, 64],
+        );
+        assert_eq!(open(ok).unwrap().f32("t", &[2]).unwrap(), [1.0, 2.0]);
+        let err = |bytes| open(bytes).err().expect("must fail").to_string();
+        // 8 bytes cannot hold 3 f32 values.
+        let e = err(file(
+            r#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        ));
+        assert!(
+            e.contains("m.safetensors") && e.contains("\"t\"") && e.contains("shape [3]"),
+            "{e}"
+        );
+        // A 600M-value int8 tensor (gemma-2-2b's embedding is 590M): sized in u64, so the error is the missing
+        // data, not an overflow.
+        let e = err(file(
+            r#"{"t":{"dtype":"I8","shape":[600000000],"data_offsets":[0,600000000]}}"#,
+            &[0; 8],
+        ));
+        assert!(e.contains("outside the 8-byte data section"), "{e}");
+        let e = err(vec![1, 0, 0]);
+        assert!(e.contains("shorter than its 8-byte header length"), "{e}");
+        let e = err(file("{not json", &[]));
+        assert!(e.contains("not valid JSON"), "{e}");
+        let mut past = file("{}", &[]);
+        past[0] = 200;
+        assert!(err(past).contains("runs past the file's end"));
     }
 
     #[test]
