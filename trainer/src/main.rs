@@ -282,9 +282,7 @@ impl DeviceArg {
     /// stays in host memory (`shared::model::placement`).
     fn device(self) -> Result<burn::tensor::Device> {
         match self {
-            DeviceArg::Wgpu => shared::model::placement::wgpu()
-                .map(|p| p.compute)
-                .map_err(|e| anyhow::anyhow!("cannot open a wgpu adapter: {e}")),
+            DeviceArg::Wgpu => Ok(shared::model::placement::wgpu()?.compute),
             DeviceArg::Cpu => Ok(burn::tensor::Device::flex()),
         }
     }

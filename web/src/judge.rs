@@ -65,7 +65,7 @@ async fn pick_device(backend: &str) -> Result<(Placement, String), String> {
         match shared::model::placement::wgpu_async().await {
             Ok(placement) => return Ok((placement, "webgpu".into())),
             Err(e) if backend == "webgpu" => {
-                return Err(format!("WebGPU is not available here: {e:?}"));
+                return Err(format!("WebGPU is not available here: {e}"));
             }
             Err(_) => {}
         }

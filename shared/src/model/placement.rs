@@ -90,9 +90,9 @@ pub fn is_gpu(device: &Device) -> bool {
 /// storage binding. Only the first call opens it; later calls, and callers after the runtime was opened some
 /// other way, get the same device (with WebGPU's default limit assumed in the second case).
 #[cfg(not(target_family = "wasm"))]
-pub fn wgpu() -> Result<Placement, String> {
+pub fn wgpu() -> Result<Placement, WgpuOpenError> {
     use std::sync::OnceLock;
-    static OPENED: OnceLock<Result<Placement, String>> = OnceLock::new();
+    static OPENED: OnceLock<Result<Placement, WgpuOpenError>> = OnceLock::new();
     OPENED
         .get_or_init(|| {
             match Device::wgpu_options().init_with_setup() {
@@ -102,15 +102,20 @@ pub fn wgpu() -> Result<Placement, String> {
                 Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => {
                     Ok(Placement::from(&Device::wgpu(Default::default())))
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(WgpuOpenError(e.to_string())),
             }
         })
         .clone()
 }
 
+/// The wgpu adapter could not be opened (the message is wgpu's).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot open a wgpu adapter: {0}")]
+pub struct WgpuOpenError(pub String);
+
 /// [`wgpu`] for the browser: WebGPU with the adapter's own limits. The runtime opens once per page, so a second
 /// call (another bundle) gets the same device.
-pub async fn wgpu_async() -> Result<Placement, String> {
+pub async fn wgpu_async() -> Result<Placement, WgpuOpenError> {
     thread_local! {
         static OPENED: std::cell::RefCell<Option<Placement>> = const { std::cell::RefCell::new(None) };
     }
@@ -120,7 +125,7 @@ pub async fn wgpu_async() -> Result<Placement, String> {
     let (device, setup) = Device::wgpu_options()
         .init_with_setup_async()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| WgpuOpenError(e.to_string()))?;
     let placement = opened(device, &setup.device.limits());
     OPENED.with(|o| *o.borrow_mut() = Some(placement.clone()));
     Ok(placement)
