@@ -1,0 +1,43 @@
+// Browser side of bench/browser_max_bundle.sh: opens the site on one bundle in headless Chromium (WebGPU), waits
+// for the model to load, predicts one example pair and prints one JSON line: whether it worked, how long loading
+// and the prediction took, where the embedding went, and the error text if it failed.
+//   node bench/browser_max_bundle.mjs BASE_URL BUNDLE_PATH [int8|f16]
+import { createRequire } from "node:module";
+
+const root = new URL("../", import.meta.url).pathname;
+const { chromium } = createRequire(`${root}.cache/browser/`)("playwright-core");
+const [base, bundle, weights = "int8"] = process.argv.slice(2);
+const flags = ["--no-sandbox", "--disable-background-networking", "--no-first-run", "--disable-component-update", "--disable-sync", "--enable-unsafe-webgpu"];
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: flags });
+const page = await browser.newPage();
+const logs = [];
+page.on("console", (m) => logs.push(m.text()));
+page.on("pageerror", (e) => logs.push(String(e)));
+page.on("crash", () => logs.push("the page crashed"));
+const out = { bundle, weights, ok: false };
+const t0 = Date.now();
+try {
+  await page.goto(`${base}?backend=webgpu&weights=${weights}&bundle=${encodeURIComponent(bundle)}`);
+  await page.waitForSelector('#status[data-status="ready"], #status[data-status="error"]', { timeout: 900_000 });
+  out.load_s = (Date.now() - t0) / 1000;
+  const status = await page.locator("#status").getAttribute("data-status");
+  if (status === "ready") {
+    out.placement = (await page.locator("#placement").innerText()).replace(/^ · /, "");
+    const t1 = Date.now();
+    await page.click('button[data-example="0"]');
+    await page.waitForSelector("#result, #predict-error", { timeout: 900_000 });
+    out.first_pair_s = (Date.now() - t1) / 1000;
+    if (await page.locator("#result").count()) {
+      out.ok = true;
+      out.p_a = Number(await page.locator("#result").getAttribute("data-pa"));
+    } else {
+      out.error = await page.locator("#predict-error").innerText();
+    }
+  } else {
+    out.error = await page.locator("#status").innerText();
+  }
+} catch (e) {
+  out.error = `${String(e).split("\n")[0]} ${logs.slice(-3).join(" | ")}`;
+}
+console.log(JSON.stringify(out));
+await browser.close();
