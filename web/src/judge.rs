@@ -300,8 +300,8 @@ extern "C" {
 }
 
 /// Gives the browser a turn (a macrotask): it can paint and handle input before the next step. Through
-/// `scheduler.postTask` where the browser has it: `setTimeout(0)` is clamped to 4 ms once timers nest, which is
-/// several percent of a small model's layer.
+/// `scheduler.postTask` where the browser has it, since `setTimeout(0)` is clamped to 4 ms once timers nest;
+/// `setTimeout` elsewhere (Node).
 pub(crate) async fn yield_now() {
     let promise = js_sys::Promise::new(&mut |resolve, _| {
         let scheduler = js_sys::Reflect::get(&js_sys::global(), &"scheduler".into())
