@@ -30,8 +30,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
     }
 }
 
-/// Serializes f32 tensors `(name, shape, values)` as a safetensors file.
-pub fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>, String> {
+/// A tensor by Hugging Face key: `(name, shape, f32 values)`.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Serializes f32 tensors as a safetensors file.
+pub fn safetensors_f32(tensors: &[NamedTensor]) -> Result<Vec<u8>, String> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -71,7 +74,7 @@ fn read<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>), ExportEr
 /// Every tensor of a merged classifier by Hugging Face key, in PyTorch's layout, as f32 values.
 pub fn hf_tensors(
     model: &Gemma2ForSequenceClassification,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, ExportError> {
+) -> Result<Vec<NamedTensor>, ExportError> {
     let mut out = Vec::new();
     let mut push = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| {
         out.push((name, shape, values));
@@ -119,10 +122,7 @@ pub fn hf_tensors(
 }
 
 /// Serializes tensors in `format`. Int8 quantizes 2-D tensors per row; 1-D ones (norms) stay f16.
-pub fn serialize(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    format: WeightFormat,
-) -> Result<Vec<u8>, String> {
+pub fn serialize(tensors: &[NamedTensor], format: WeightFormat) -> Result<Vec<u8>, String> {
     let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, shape, values) in tensors {
         match format {
@@ -385,7 +385,7 @@ pub fn export(
         tokenizer: "tokenizer.json".into(),
         weights: weight_files,
         labels: config.labels.clone(),
-        preprocess: preprocess.clone(),
+        preprocess: *preprocess,
         files,
     };
     let manifest = serde_json::to_value(&bundle).unwrap_or_default();

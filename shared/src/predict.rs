@@ -53,6 +53,9 @@ pub fn predict(
     })
 }
 
+/// Per-row class probabilities.
+pub type Probs = Vec<Vec<f32>>;
+
 /// The straight probabilities and, with `swap_tta`, those of the swapped pairs (whose classes are the swapped
 /// answers: `swapped[i][0]` is P(original B wins)).
 pub fn predict_both(
@@ -63,7 +66,7 @@ pub fn predict_both(
     options: PredictOptions,
     device: &Device,
     progress: &dyn Progress,
-) -> Result<(Vec<Vec<f32>>, Option<Vec<Vec<f32>>>), PredictError> {
+) -> Result<(Probs, Option<Probs>), PredictError> {
     let encode = |swap: bool| -> Result<Vec<Example>, PredictError> {
         records
             .par_iter()

@@ -491,7 +491,7 @@ pub fn train(
         events.step(state.step, step_loss);
 
         let epoch = epoch_of(state.step, data.train.len(), config);
-        if state.step % config.logging_steps == 0 || state.step == total {
+        if state.step.is_multiple_of(config.logging_steps) || state.step == total {
             let elapsed = log_clock.elapsed().as_secs_f64();
             let log = StepLog {
                 kind: "train".into(),
@@ -512,7 +512,7 @@ pub fn train(
             log_clock = std::time::Instant::now();
         }
         let last = state.step == total;
-        if state.step % config.eval_steps == 0 || last {
+        if state.step.is_multiple_of(config.eval_steps) || last {
             let m = evaluate_split(&model.valid(), data.val, config, &device.clone().inner())?;
             let gain = state.best_accuracy.is_none_or(|b| m.accuracy > b);
             if gain {
@@ -548,7 +548,7 @@ pub fn train(
             events.eval(&log);
             evals.push(log);
         }
-        if state.step % config.save_steps == 0 || last || state.stopped_early {
+        if state.step.is_multiple_of(config.save_steps) || last || state.stopped_early {
             save_checkpoint(&run.dir, &model, &optim, &state, config.save_total_limit)?;
         }
     }

@@ -89,7 +89,7 @@ fn check_against_transformers(dir: &Path, device: &Device) {
     for r in &expected.rows {
         assert_close(
             &logits(&loaded.model, &[&r.input_ids], device),
-            &[r.logits_alone.clone()],
+            std::slice::from_ref(&r.logits_alone),
             &format!("row {} alone", r.id),
         );
     }
@@ -301,7 +301,7 @@ fn an_f16_checkpoint_keeps_a_host_table_in_f16() {
 
 #[test]
 fn a_base_lm_checkpoint_starts_a_fresh_head() {
-    let loaded = load_hf_dir(&dtypes_dir().join("base-lm"), &Device::flex()).unwrap();
+    let loaded = load_hf_dir(&dtypes_dir().join("base-lm"), Device::flex()).unwrap();
     assert!(loaded.fresh_head);
     assert_eq!(loaded.config.labels.len(), 2);
 }
@@ -354,7 +354,7 @@ fn edited_checkpoint(
 }
 
 fn load_err(dir: &Path) -> (LoadError, String) {
-    let err = load_hf_dir(dir, &Device::flex()).err().expect("must fail");
+    let err = load_hf_dir(dir, Device::flex()).err().expect("must fail");
     let msg = err.to_string();
     (err, msg)
 }

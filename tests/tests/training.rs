@@ -212,10 +212,7 @@ fn only_adapters_and_head_get_gradients_and_change() {
         .zip(&after)
         .filter(|((_, t, a), (_, _, b))| *t && max_diff(a, b) > 0.0)
         .count();
-    assert!(
-        moved >= 3 * 5 + 1,
-        "every B and the head move; {moved} moved"
-    );
+    assert!(moved > 3 * 5, "every B and the head move; {moved} moved");
 }
 
 #[test]

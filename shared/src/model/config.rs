@@ -107,23 +107,22 @@ impl Gemma2Config {
                 });
             }
         }
-        if let Some(act) = hf.hidden_activation.as_deref() {
-            if act != "gelu_pytorch_tanh" {
-                return Err(invalid(format!(
-                    "hidden_activation {act:?} is not supported (gelu_pytorch_tanh is)"
-                )));
-            }
+        if let Some(act) = hf.hidden_activation.as_deref()
+            && act != "gelu_pytorch_tanh"
+        {
+            return Err(invalid(format!(
+                "hidden_activation {act:?} is not supported (gelu_pytorch_tanh is)"
+            )));
         }
         if let Some(rope_type) = hf
             .rope_parameters
             .as_ref()
             .and_then(|r| r.rope_type.as_deref())
+            && rope_type != "default"
         {
-            if rope_type != "default" {
-                return Err(invalid(format!(
-                    "rope_type {rope_type:?} is not supported (default is)"
-                )));
-            }
+            return Err(invalid(format!(
+                "rope_type {rope_type:?} is not supported (default is)"
+            )));
         }
         let head_dim = hf
             .head_dim
@@ -180,13 +179,16 @@ impl Gemma2Config {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return Err("attention needs at least one head".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

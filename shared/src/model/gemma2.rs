@@ -106,13 +106,13 @@ impl Rope {
         let cos = self
             .cos
             .clone()
-            .slice([0..seq])
+            .narrow(0, 0, seq)
             .cast(dtype)
             .unsqueeze::<4>(); // [1, 1, seq, head_dim]
         let sin = self
             .sin
             .clone()
-            .slice([0..seq])
+            .narrow(0, 0, seq)
             .cast(dtype)
             .unsqueeze::<4>();
         let rotated = Tensor::cat(
@@ -749,7 +749,7 @@ mod tests {
             ..Gemma2Config::tiny()
         };
         assert_ne!(config.query_pre_attn_scalar, config.head_dim as f64);
-        let model = config.init(&dev());
+        let model = config.init(dev());
         assert_eq!(
             model.model.layers[0].self_attn.scale,
             config.query_pre_attn_scalar.powf(-0.5)
@@ -767,7 +767,7 @@ mod tests {
             vocab_size: 8,
             ..Gemma2Config::tiny()
         };
-        let mut model = config.init(&dev());
+        let mut model = config.init(dev());
         let attn = &mut model.model.layers[1].self_attn;
         // Huge query/key weights: uncapped scores would make attention one-hot; capped at 5 they cannot.
         let big = |p: &Projection| {
@@ -801,7 +801,7 @@ mod tests {
             vocab_size: 16,
             ..Gemma2Config::tiny()
         };
-        let model = config.init(&dev());
+        let model = config.init(dev());
         let rows: [&[u32]; 2] = [&[2, 5, 6, 7, 1], &[2, 9, 1]];
         let batch = crate::batch::collate(&rows, 0);
         let together = vec(model.forward_batch(&batch, &dev()));
