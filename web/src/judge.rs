@@ -11,7 +11,6 @@ use burn::tensor::{Device, FloatDType};
 use serde::Serialize;
 use shared::batch::collate;
 use shared::data::{Format, Label, Record, load_bytes};
-use shared::model::gemma2::batch_tensors;
 use shared::model::load::from_checkpoint;
 use shared::model::weights::Checkpoint;
 use shared::model::{Gemma2Config, Gemma2ForSequenceClassification, Placement};
@@ -324,8 +323,7 @@ pub(crate) async fn yield_now() {
 async fn score(inner: &Inner, examples: &[&Example]) -> Result<Vec<[f32; 2]>, String> {
     let rows: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
     let batch = collate(&rows, 0);
-    let (_, last) = batch_tensors(&batch, &inner.device);
-    let (ids, _) = batch_tensors(&batch, &inner.model.embedding_device());
+    let (ids, last) = inner.model.batch_inputs(&batch, &inner.device);
     let body = &inner.model.model;
     let mut pass = body.begin(ids);
     while body.step(&mut pass) {

@@ -399,9 +399,17 @@ impl Gemma2ForSequenceClassification {
     /// [`forward`](Self::forward) on a padded [`crate::batch::Batch`]; `device` is the compute device. The ids
     /// are created where the embedding table is, so a host-side table never reads them back from a GPU.
     pub fn forward_batch(&self, batch: &crate::batch::Batch, device: &Device) -> Tensor<2> {
-        let (_, last) = batch_tensors(batch, device);
-        let (ids, _) = batch_tensors(batch, &self.model.embed_tokens.device());
+        let (ids, last) = self.batch_inputs(batch, device);
         self.forward(ids, last)
+    }
+
+    /// A padded batch's input ids, on the embedding's device, and last-token indices, on `device` (compute).
+    pub fn batch_inputs(
+        &self,
+        batch: &crate::batch::Batch,
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<1, Int>) {
+        batch_tensors(batch, &self.embedding_device(), device)
     }
 
     /// The device the token embedding lives on: the compute device, or the host when the table is larger than
@@ -411,14 +419,15 @@ impl Gemma2ForSequenceClassification {
     }
 }
 
-/// Input ids `[batch, seq]` and last-token indices `[batch]` of a padded batch.
+/// Input ids `[batch, seq]` (on `ids_device`) and last-token indices `[batch]` (on `device`) of a padded batch.
 pub fn batch_tensors(
     batch: &crate::batch::Batch,
+    ids_device: &Device,
     device: &Device,
 ) -> (Tensor<2, Int>, Tensor<1, Int>) {
     let ids = Tensor::<2, Int>::from_data(
         TensorData::new(batch.input_ids.clone(), [batch.batch_size, batch.seq_len]),
-        device,
+        ids_device,
     );
     let last: Vec<i32> = batch
         .lengths
