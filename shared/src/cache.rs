@@ -376,6 +376,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     result.map_err(io(path))
 }
 
+/// sha256 of bytes in memory, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<(String, u64), CacheError> {
     use std::io::Read;

@@ -7,6 +7,10 @@
 //!   may hold `null`) and the label is one-hot over `winner_model_a, winner_model_b, winner_tie`. Turns are joined
 //!   with a blank line, the way the WSDM data joins multi-turn conversations.
 //!
+//! Labels are optional: Kaggle's test files have no winner columns, and `predict` scores them; `prepare`, `train`
+//! and `eval` require labels. Without winner columns the schema is told by the texts (JSON lists of turns mean
+//! LMSYS).
+//!
 //! Null text becomes `""`, as in the reference recipe. Every error names the file, and the row and column where
 //! there is one.
 
@@ -66,7 +70,8 @@ pub struct Record {
     pub prompt: String,
     pub response_a: String,
     pub response_b: String,
-    pub label: Label,
+    /// `None` in a file without winner columns (a test set).
+    pub label: Option<Label>,
     pub model_a: Option<String>,
     pub model_b: Option<String>,
     pub language: Option<String>,
@@ -76,7 +81,8 @@ pub struct Record {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
-    /// Decide from the columns: `winner` means WSDM, `winner_model_a` means LMSYS.
+    /// Decide from the columns: `winner` means WSDM, `winner_model_a` means LMSYS; without either, texts that
+    /// are JSON lists of turns mean LMSYS.
     Auto,
     Wsdm,
     Lmsys,
@@ -175,6 +181,16 @@ pub enum DataError {
     },
     #[error("{file}: no rows left {reason}")]
     NoRows { file: String, reason: String },
+    #[error(
+        "{file}: no labels (no `winner` column, nor `winner_model_a`, `winner_model_b`, `winner_tie`): {needed}; `trainer predict` scores unlabelled rows"
+    )]
+    Unlabelled { file: String, needed: String },
+    #[error("{file}: column {column:?} appears more than once")]
+    DuplicateColumn { file: String, column: String },
+    #[error("{file}: is empty")]
+    Empty { file: String },
+    #[error("{file}: {message}")]
+    NotData { file: String, message: String },
 }
 
 /// A cell before the schema gives it meaning.
@@ -195,22 +211,81 @@ impl Cell {
     }
 }
 
-/// Loads a file from disk. The container is told by its first bytes (parquet starts with `PAR1`), else by its
-/// extension.
+/// Loads a file from disk. The container is told by its first bytes (parquet starts with `PAR1`).
 #[cfg(feature = "native")]
 pub fn load_file(path: &std::path::Path, format: Format) -> Result<Dataset, DataError> {
+    load_bytes(&path.display().to_string(), read_data_file(path)?, format)
+}
+
+/// The most a pipe or device is read before it counts as endless.
+#[cfg(feature = "native")]
+pub const MAX_STREAM_BYTES: u64 = 4 << 30;
+
+/// A data file's bytes, read once. A regular file is read whole. A pipe or device has no size to trust and may
+/// never end (`/dev/zero`): its first bytes must look like parquet or text, and it is read up to
+/// [`MAX_STREAM_BYTES`].
+#[cfg(feature = "native")]
+pub fn read_data_file(path: &std::path::Path) -> Result<Bytes, DataError> {
+    use std::io::Read;
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let io = |source| DataError::Io {
         file: file.clone(),
         source,
-    })?;
-    load_bytes(&file, Bytes::from(bytes), format)
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return Err(DataError::NotData {
+            file,
+            message: "is a directory, not a data file".into(),
+        });
+    }
+    if meta.is_file() {
+        return std::fs::read(path).map(Bytes::from).map_err(io);
+    }
+    let mut reader = std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_STREAM_BYTES + 1);
+    let mut head = Vec::with_capacity(4096);
+    (&mut reader)
+        .take(4096)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    if !head.starts_with(b"PAR1") && head.contains(&0) {
+        return Err(DataError::NotData {
+            file,
+            message: "not a regular file, and its first bytes are neither parquet nor CSV text"
+                .into(),
+        });
+    }
+    let mut bytes = head;
+    reader.read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > MAX_STREAM_BYTES {
+        return Err(DataError::NotData {
+            file,
+            message: format!(
+                "not a regular file, and it goes on past {} GiB",
+                MAX_STREAM_BYTES >> 30
+            ),
+        });
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// Loads rows from an in-memory file (the browser hands us bytes). `name` is used in errors and to tell the
 /// container when the content is ambiguous.
 pub fn load_bytes(name: &str, bytes: Bytes, format: Format) -> Result<Dataset, DataError> {
-    let is_parquet = bytes.starts_with(b"PAR1") || name.to_ascii_lowercase().ends_with(".parquet");
+    if bytes.is_empty() {
+        return Err(DataError::Empty { file: name.into() });
+    }
+    // The first bytes decide, whatever the name says: a CSV saved as `.parquet` is read as CSV.
+    let is_parquet = bytes.starts_with(b"PAR1");
+    if !is_parquet && bytes.iter().take(4096).any(|&b| b == 0) {
+        return Err(DataError::NotData {
+            file: name.into(),
+            message: "binary data that is neither parquet (which starts with PAR1) nor CSV text"
+                .into(),
+        });
+    }
     let table = if is_parquet {
         read_parquet(name, bytes)?
     } else {
@@ -232,6 +307,33 @@ pub struct Dataset {
     /// `Wsdm` or `Lmsys`, never `Auto`.
     pub format: Format,
     pub records: Vec<Record>,
+    /// The file has winner columns (every record has a label).
+    pub labelled: bool,
+}
+
+impl Dataset {
+    /// The records, when the file is labelled; else an error saying what `needed` them.
+    pub fn require_labels(self, file: &str, needed: &str) -> Result<Vec<Record>, DataError> {
+        if self.labelled {
+            Ok(self.records)
+        } else {
+            Err(DataError::Unlabelled {
+                file: file.into(),
+                needed: needed.into(),
+            })
+        }
+    }
+
+    /// Ids that occur more than once, each once, in file order.
+    pub fn duplicate_ids(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut reported = std::collections::HashSet::new();
+        self.records
+            .iter()
+            .filter(|r| !seen.insert(r.id.as_str()) && reported.insert(r.id.as_str()))
+            .map(|r| r.id.clone())
+            .collect()
+    }
 }
 
 /// Column names and rows of cells, as read from either container.
@@ -292,9 +394,19 @@ fn read_parquet(file: &str, bytes: Bytes) -> Result<Table, DataError> {
     let mut columns = Vec::new();
     let mut kinds = Vec::new();
     for descr in schema.columns() {
-        // Nested columns (lists, structs) have dotted paths; none of ours are nested.
-        columns.push(descr.path().string());
-        kinds.push(parquet_kind(descr));
+        // A nested column (a list or struct) has one leaf per field, with dotted paths (`prompt.list.element`):
+        // it is one column of the row, named by its top level, whose type none of ours may have.
+        let parts = descr.path().parts();
+        let (name, nested) = (parts[0].clone(), parts.len() > 1);
+        if nested && columns.last() == Some(&name) {
+            continue;
+        }
+        columns.push(name);
+        kinds.push(if nested {
+            "list or struct"
+        } else {
+            parquet_kind(descr)
+        });
     }
     let reader: Arc<dyn FileReader> = Arc::new(reader);
     let mut rows = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
@@ -392,16 +504,43 @@ impl Table {
         Ok(())
     }
 
+    /// Without winner columns: LMSYS when the first non-empty prompt is a JSON list of turns.
+    fn texts_are_turns(&self) -> bool {
+        let Some(p) = self.optional(TEXT_COLUMNS[0]) else {
+            return false;
+        };
+        self.rows
+            .iter()
+            .find_map(|row| match &row[p] {
+                Cell::Text(t) if !t.trim().is_empty() => Some(t.trim()),
+                _ => None,
+            })
+            .is_some_and(|t| t.starts_with('[') && parse_turns(t).is_ok())
+    }
+
     fn into_dataset(self, file: &str, format: Format) -> Result<Dataset, DataError> {
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = self.columns.iter().find(|c| !names.insert(c.as_str())) {
+            return Err(DataError::DuplicateColumn {
+                file: file.into(),
+                column: dup.clone(),
+            });
+        }
+        let has_winner = self.optional("winner").is_some();
+        let has_one_hot = ["winner_model_a", "winner_model_b", "winner_tie"]
+            .iter()
+            .any(|c| self.optional(c).is_some());
         let format = match format {
-            Format::Auto if self.optional("winner").is_some() => Format::Wsdm,
-            Format::Auto if self.optional("winner_model_a").is_some() => Format::Lmsys,
-            Format::Auto => {
+            Format::Auto if has_winner => Format::Wsdm,
+            Format::Auto if has_one_hot => Format::Lmsys,
+            Format::Auto if self.optional(TEXT_COLUMNS[0]).is_none() => {
                 return Err(DataError::UnknownSchema {
                     file: file.into(),
                     found: self.found(),
                 });
             }
+            Format::Auto if self.texts_are_turns() => Format::Lmsys,
+            Format::Auto => Format::Wsdm,
             f => f,
         };
         let id = self.position(file, "id")?;
@@ -410,14 +549,17 @@ impl Table {
             self.position(file, TEXT_COLUMNS[1])?,
             self.position(file, TEXT_COLUMNS[2])?,
         ];
+        // No winner column at all is an unlabelled file; a partial one-hot set is an error.
         let winner = match format {
-            Format::Lmsys => Winner::OneHot([
+            Format::Lmsys if has_one_hot => Some(Winner::OneHot([
                 self.position(file, "winner_model_a")?,
                 self.position(file, "winner_model_b")?,
                 self.position(file, "winner_tie")?,
-            ]),
-            _ => Winner::Column(self.position(file, "winner")?),
+            ])),
+            Format::Wsdm if has_winner => Some(Winner::Column(self.position(file, "winner")?)),
+            _ => None,
         };
+        let labelled = winner.is_some();
         let (model_a, model_b, language) = (
             self.optional("model_a"),
             self.optional("model_b"),
@@ -451,7 +593,10 @@ impl Table {
             let prompt = text(texts[0], TEXT_COLUMNS[0])?;
             let response_a = text(texts[1], TEXT_COLUMNS[1])?;
             let response_b = text(texts[2], TEXT_COLUMNS[2])?;
-            let label = winner.label(file, &at, &mut row)?;
+            let label = match &winner {
+                Some(w) => Some(w.label(file, &at, &mut row)?),
+                None => None,
+            };
             let mut optional = |column: Option<usize>| -> Option<String> {
                 match column.and_then(|c| row[c].take()) {
                     Some(Cell::Text(s)) if !s.is_empty() => Some(s),
@@ -470,7 +615,11 @@ impl Table {
                 language: optional(language),
             });
         }
-        Ok(Dataset { format, records })
+        Ok(Dataset {
+            format,
+            records,
+            labelled,
+        })
     }
 }
 
@@ -663,7 +812,7 @@ mod tests {
         .unwrap();
         assert_eq!(rows[0].prompt, "hi\n\nagain");
         assert_eq!(rows[0].response_a, "\n\nb");
-        assert_eq!(rows[0].label, Label::Tie);
+        assert_eq!(rows[0].label, Some(Label::Tie));
         assert_eq!(rows[0].id, "7");
         assert_eq!(rows[0].language, None);
     }
@@ -672,8 +821,67 @@ mod tests {
     fn wsdm_csv_with_optional_columns_absent() {
         let rows = csv("id,prompt,response_a,response_b,winner\na1,p,,b,model_b\n").unwrap();
         assert_eq!(rows[0].response_a, "");
-        assert_eq!(rows[0].label, Label::ModelB);
+        assert_eq!(rows[0].label, Some(Label::ModelB));
         assert_eq!(rows[0].model_a, None);
+    }
+
+    #[test]
+    fn unlabelled_test_files_of_both_schemas_load_in_order() {
+        let wsdm = load_bytes(
+            "test.csv",
+            Bytes::from("id,prompt,response_a,response_b,scored\nz9,p,a,b,False\na1,q,c,d,True\n"),
+            Format::Auto,
+        )
+        .unwrap();
+        assert_eq!((wsdm.format, wsdm.labelled), (Format::Wsdm, false));
+        assert_eq!(wsdm.records[0].id, "z9");
+        assert_eq!(wsdm.records[1].label, None);
+        let lmsys = load_bytes(
+            "test.csv",
+            Bytes::from(
+                "id,prompt,response_a,response_b\n7,\"[\"\"hi\"\"]\",\"[\"\"a\"\"]\",\"[null]\"\n",
+            ),
+            Format::Auto,
+        )
+        .unwrap();
+        assert_eq!((lmsys.format, lmsys.labelled), (Format::Lmsys, false));
+        assert_eq!(lmsys.records[0].prompt, "hi");
+        let e = lmsys
+            .require_labels("test.csv", "training needs labels")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.csv") && e.contains("no labels"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_columns_empty_files_and_binary_data_are_refused() {
+        let dup = csv("id,prompt,prompt,response_a,response_b,winner\n1,p,p,a,b,model_a\n")
+            .unwrap_err()
+            .to_string();
+        assert!(dup.contains("\"prompt\" appears more than once"), "{dup}");
+        let empty = load_bytes("e.csv", Bytes::new(), Format::Auto).unwrap_err();
+        assert!(empty.to_string().contains("e.csv: is empty"), "{empty}");
+        let zeros = load_bytes("z.parquet", Bytes::from(vec![0u8; 100]), Format::Auto).unwrap_err();
+        assert!(zeros.to_string().contains("neither parquet"), "{zeros}");
+        // A CSV named .parquet is read as the CSV it is.
+        let rows = load_bytes(
+            "x.parquet",
+            Bytes::from("id,prompt,response_a,response_b,winner\n1,p,a,b,model_a\n"),
+            Format::Auto,
+        )
+        .unwrap();
+        assert_eq!(rows.records.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_ids_are_listed_once() {
+        let d = load_bytes(
+            "d.csv",
+            Bytes::from("id,prompt,response_a,response_b,winner\n1,p,a,b,model_a\n1,q,a,b,model_b\n1,r,a,b,tie\n2,s,a,b,tie\n"),
+            Format::Auto,
+        )
+        .unwrap();
+        assert_eq!(d.duplicate_ids(), vec!["1".to_string()]);
     }
 
     #[test]

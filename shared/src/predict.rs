@@ -22,8 +22,27 @@ pub enum PredictError {
         #[source]
         source: TokenizerError,
     },
+    #[error(
+        "row {row} (id {id}): token id {token} is outside the model's vocabulary of {vocab}: the tokenizer and the model do not belong together"
+    )]
+    OutOfVocabulary {
+        row: usize,
+        id: String,
+        token: u32,
+        vocab: usize,
+    },
+    #[error(
+        "row {row} (id {id}): the model's probabilities are not finite ({probs:?}): its weights or activations overflowed"
+    )]
+    NonFinite {
+        row: usize,
+        id: String,
+        probs: Vec<f32>,
+    },
     #[error("reading model output: {0}")]
     Read(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{path}: cannot write predictions: {message}")]
     Write { path: String, message: String },
 }
@@ -82,17 +101,47 @@ pub fn predict_both(
             })
             .collect()
     };
+    let vocab = model.vocab_size();
+    // A token id past the table would index out of bounds inside the backend: name the row instead.
+    let checked = |examples: Vec<Example>| -> Result<Vec<Example>, PredictError> {
+        for (i, e) in examples.iter().enumerate() {
+            if let Some(&token) = e.input_ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(PredictError::OutOfVocabulary {
+                    row: i + 1,
+                    id: records[i].id.clone(),
+                    token,
+                    vocab,
+                });
+            }
+        }
+        Ok(examples)
+    };
+    let scored = |probs: Result<Probs, (usize, Vec<f32>)>| -> Result<Probs, PredictError> {
+        probs.map_err(|(i, probs)| PredictError::NonFinite {
+            row: i + 1,
+            id: records[i].id.clone(),
+            probs,
+        })
+    };
     let passes = if options.swap_tta { 2 } else { 1 };
     progress.start("scoring", (records.len() * passes) as u64);
-    let straight = score(model, &encode(false)?, options.batch_size, device, progress)?;
+    let straight = checked(encode(false)?)?;
+    let straight = scored(score(
+        model,
+        &straight,
+        options.batch_size,
+        device,
+        progress,
+    )?)?;
     let swapped = if options.swap_tta {
-        Some(score(
+        let examples = checked(encode(true)?)?;
+        Some(scored(score(
             model,
-            &encode(true)?,
+            &examples,
             options.batch_size,
             device,
             progress,
-        )?)
+        )?)?)
     } else {
         None
     };
@@ -118,14 +167,16 @@ pub fn swap_average(straight: &[Vec<f32>], swapped: &[Vec<f32>]) -> Vec<Vec<f32>
         .collect()
 }
 
-/// Softmax probabilities of each example, in input order; batches hold rows of similar length.
+/// Softmax probabilities of each example, in input order; batches hold rows of similar length. The inner
+/// error is the first example (its index in input order, and its probabilities) whose probabilities are not
+/// finite.
 fn score(
     model: &Gemma2ForSequenceClassification,
     examples: &[Example],
     batch_size: usize,
     device: &Device,
     progress: &dyn Progress,
-) -> Result<Vec<Vec<f32>>, PredictError> {
+) -> Result<Result<Probs, (usize, Vec<f32>)>, PredictError> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
     let mut out = vec![Vec::new(); examples.len()];
@@ -144,7 +195,12 @@ fn score(
         }
         progress.inc(chunk.len() as u64);
     }
-    Ok(out)
+    Ok(
+        match out.iter().position(|p| p.iter().any(|v| !v.is_finite())) {
+            Some(i) => Err((i, out[i].clone())),
+            None => Ok(out),
+        },
+    )
 }
 
 /// Accuracy and log loss on the rows labelled model_a or model_b (ties cannot be scored by a two-class model).
@@ -156,15 +212,17 @@ pub struct BinaryMetrics {
     pub log_loss: f64,
 }
 
-pub fn binary_metrics(probs: &[Vec<f32>], labels: &[Label]) -> Option<BinaryMetrics> {
+/// `None` when no row is labelled model_a or model_b (an unlabelled test file).
+pub fn binary_metrics(probs: &[Vec<f32>], labels: &[Option<Label>]) -> Option<BinaryMetrics> {
     let (mut n, mut ties, mut correct, mut loss) = (0usize, 0usize, 0usize, 0f64);
     for (p, label) in probs.iter().zip(labels) {
         let y = match label {
-            Label::Tie => {
+            None => continue,
+            Some(Label::Tie) => {
                 ties += 1;
                 continue;
             }
-            l => l.index(),
+            Some(l) => l.index(),
         };
         n += 1;
         let predicted = if p[1] > p[0] { 1 } else { 0 };
@@ -177,6 +235,43 @@ pub fn binary_metrics(probs: &[Vec<f32>], labels: &[Label]) -> Option<BinaryMetr
         accuracy: correct as f64 / n as f64,
         log_loss: loss / n as f64,
     })
+}
+
+/// Refuses an output path that is one of the `inputs` (files, or model directories, whose `.json` and
+/// `.safetensors` files count), so that
+/// predictions never replace the data, tokenizer or model they come from. Paths are compared after resolving
+/// links; an output that does not exist yet is no input.
+pub fn check_output_path(
+    out: &std::path::Path,
+    inputs: &[&std::path::Path],
+) -> Result<(), PredictError> {
+    let Ok(target) = std::fs::canonicalize(out) else {
+        return Ok(());
+    };
+    for input in inputs {
+        let Ok(input) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        let clash = if input.is_dir() {
+            // A model directory: its config, weights and tokenizer files.
+            target.parent() == Some(input.as_path())
+                && target
+                    .extension()
+                    .is_some_and(|e| e == "json" || e == "safetensors")
+        } else {
+            target == input
+        };
+        if clash {
+            return Err(PredictError::Write {
+                path: out.display().to_string(),
+                message: format!(
+                    "this is (inside) the input {}: refusing to overwrite it; choose another --out",
+                    input.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes the Kaggle-style `id,winner,prob_model_a,prob_model_b` file.

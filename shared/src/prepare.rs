@@ -8,7 +8,7 @@ use crate::cache::{
     CacheError, Counts, FileEntry, Manifest, PrepareSettings, PreparedSplit, RowMeta, SourceInfo,
     SplitCounts, TokenizerInfo, cache_key, sha256_file,
 };
-use crate::data::{DataError, Dataset, Label, Record, load_file};
+use crate::data::{DataError, Label, Record, load_bytes, load_file, read_data_file};
 use crate::preprocess::{ConfigError, Example, preprocess_record};
 use crate::split::{SplitError, stratified_sample, stratified_split};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -25,6 +25,8 @@ pub enum PrepareError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("{0}")]
+    Settings(String),
     #[error("{file}: row {row} (id {id}): {source}")]
     Row {
         file: String,
@@ -34,6 +36,9 @@ pub enum PrepareError {
         source: TokenizerError,
     },
 }
+
+/// The splits `prepare` writes.
+pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
 /// Where progress goes; the library never prints. Implementations must be cheap: `inc` is called once per row
 /// from every worker thread.
@@ -71,13 +76,16 @@ pub struct Prepared {
 pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared, PrepareError> {
     req.settings.preprocess.validate()?;
     req.settings.ratios.validate()?;
-    let (source_sha, source_bytes) = sha256_file(&req.data).map_err(|e| match e {
-        CacheError::Io { source, .. } => PrepareError::Data(DataError::Io {
-            file: req.data.display().to_string(),
-            source,
-        }),
-        other => other.into(),
-    })?;
+    let s = req.settings.sample_percent;
+    if !(s > 0.0 && s <= 100.0) {
+        return Err(PrepareError::Settings(format!(
+            "sample percent {s} is outside (0, 100]"
+        )));
+    }
+    // Read once: a pipe cannot be read a second time, and the hash must be of the bytes that are loaded.
+    let data = read_data_file(&req.data)?;
+    let source_sha = crate::cache::sha256_hex(&data);
+    let source_bytes = data.len() as u64;
     let (tok_sha, _) = sha256_file(&req.tokenizer).map_err(|e| match e {
         CacheError::Io { source, .. } => PrepareError::Tokenizer(TokenizerError::Read {
             file: req.tokenizer.display().to_string(),
@@ -85,6 +93,8 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         }),
         other => other.into(),
     })?;
+    // An interrupted earlier run may have left `.NAME.tmp-PID` files behind.
+    crate::run_dir::remove_stale_temporaries(&req.out);
     let key = cache_key(&source_sha, &tok_sha, &req.settings);
     if !req.force
         && let Ok(manifest) = Manifest::read(&req.out)
@@ -97,15 +107,22 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         });
     }
 
-    let file = req.data.display().to_string();
+    // The manifest records where the data came from; later commands may run from another directory.
+    let file = std::path::absolute(&req.data)
+        .unwrap_or_else(|_| req.data.clone())
+        .display()
+        .to_string();
     progress.start("loading", 0);
     let clock = std::time::Instant::now();
     // Parsing the 17 MB tokenizer.json and decoding the data file are independent; do them side by side.
     let (dataset, tokenizer) = rayon::join(
-        || load_file(&req.data, req.settings.format),
+        || load_bytes(&file, data, req.settings.format),
         || Tokenizer::from_file(&req.tokenizer),
     );
-    let (Dataset { format, records }, mut tokenizer) = (dataset?, tokenizer?);
+    let (dataset, mut tokenizer) = (dataset?, tokenizer?);
+    let format = dataset.format;
+    let records =
+        dataset.require_labels(&file, "prepare splits by label, and training needs labels")?;
     tokenizer.set_cache_capacity(req.token_cache_chunks);
     progress.finish();
     tracing::info!(
@@ -220,7 +237,7 @@ fn choose_rows(
     records: &[Record],
     settings: &PrepareSettings,
 ) -> Result<(Vec<usize>, crate::split::Splits), PrepareError> {
-    let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
+    let labels: Vec<Label> = records.iter().map(label).collect();
     let kept = if settings.sample_percent < 100.0 {
         stratified_sample(&labels, settings.sample_percent, settings.seed)?
     } else {
@@ -238,7 +255,15 @@ pub fn split_records(
     settings: &PrepareSettings,
     split: &str,
 ) -> Result<Vec<Record>, PrepareError> {
-    let Dataset { records, .. } = load_file(data, settings.format)?;
+    if !SPLITS.contains(&split) {
+        return Err(PrepareError::Settings(format!(
+            "unknown split {split:?}; expected one of {}",
+            SPLITS.join(", ")
+        )));
+    }
+    let file = data.display().to_string();
+    let records = load_file(data, settings.format)?
+        .require_labels(&file, "evaluating a split needs labels")?;
     let (records, ties_dropped) = drop_ties(records, settings.keep_ties);
     if records.is_empty() {
         return Err(DataError::NoRows {
@@ -265,16 +290,22 @@ pub fn drop_ties(records: Vec<Record>, keep_ties: bool) -> (Vec<Record>, usize) 
     let before = records.len();
     let kept: Vec<Record> = records
         .into_iter()
-        .filter(|r| r.label != Label::Tie)
+        .filter(|r| r.label != Some(Label::Tie))
         .collect();
     let dropped = before - kept.len();
     (kept, dropped)
 }
 
+/// A record's label. `prepare` and `split_records` take only labelled files ([`crate::data::Dataset::require_labels`]),
+/// so every record they see has one.
+fn label(r: &Record) -> Label {
+    r.label.unwrap_or(Label::Tie)
+}
+
 fn row_meta(r: &Record, e: &Example) -> RowMeta {
     RowMeta {
         id: r.id.clone(),
-        label: r.label,
+        label: label(r),
         language: r.language.clone(),
         model_a: r.model_a.clone(),
         model_b: r.model_b.clone(),

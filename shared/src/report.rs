@@ -73,9 +73,23 @@ pub fn evaluate(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<EvalReport, PredictError> {
+    if let Some((i, r)) = records.iter().enumerate().find(|(_, r)| r.label.is_none()) {
+        return Err(PredictError::Invalid(format!(
+            "{source}: row {} (id {}) has no label: evaluation needs labelled rows",
+            i + 1,
+            r.id
+        )));
+    }
     let (labelled, ties): (Vec<&Record>, Vec<&Record>) =
-        records.iter().partition(|r| r.label != Label::Tie);
+        records.iter().partition(|r| r.label != Some(Label::Tie));
     let labelled: Vec<Record> = labelled.into_iter().cloned().collect();
+    if labelled.is_empty() {
+        return Err(PredictError::Invalid(format!(
+            "{source}: no rows labelled model_a or model_b to evaluate ({} ties, {} rows in all)",
+            ties.len(),
+            records.len()
+        )));
+    }
     let options = PredictOptions {
         batch_size,
         swap_tta: true,
@@ -118,7 +132,8 @@ pub fn build_report(
     let mut confusion = [[0usize; 2]; 2];
     let mut langs: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
-        let y = r.label.index().min(1);
+        // `evaluate` passes only rows labelled model_a or model_b.
+        let y = r.label.map_or(0, |l| l.index().min(1));
         let p = &straight[i];
         let pred = pick(p);
         loss -= (1.0 - label_smoothing) * ln(p[y]) + label_smoothing * (ln(p[0]) + ln(p[1])) / 2.0;
@@ -248,7 +263,7 @@ mod tests {
             prompt: String::new(),
             response_a: String::new(),
             response_b: String::new(),
-            label,
+            label: Some(label),
             model_a: None,
             model_b: None,
             language: Some(lang.into()),

@@ -40,6 +40,8 @@ pub struct Tokenizer {
     pub pad_id: u32,
     /// sha256 of the `tokenizer.json` bytes, recorded in caches and bundles.
     pub sha256: String,
+    /// One more than the largest id the tokenizer can produce: a model's `vocab_size` must be at least this.
+    pub vocab_size: usize,
 }
 
 enum Engine {
@@ -122,12 +124,21 @@ impl Tokenizer {
             }
         };
         let sha256 = hex(&Sha256::digest(bytes));
+        let vocab_size = json
+            .model
+            .vocab
+            .values()
+            .copied()
+            .chain(json.added_tokens.iter().map(|t| t.id))
+            .max()
+            .map_or(0, |m| m as usize + 1);
         Ok(Self {
             engine,
             bos_id,
             eos_id,
             pad_id,
             sha256,
+            vocab_size,
         })
     }
 

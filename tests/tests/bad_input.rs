@@ -41,7 +41,8 @@ fn missing_column() {
         matches!(err, DataError::MissingColumn { ref column, .. } if column == "response_b"),
         "{msg}"
     );
-    let p = write(&d, "b.csv", b"id,prompt,response_a,response_b\n1,p,a,b\n");
+    // Neither winner columns nor texts: no schema to read (without winner columns alone, it is a test file).
+    let p = write(&d, "b.csv", b"id,question,answer\n1,p,a\n");
     let (err, msg) = load_err(&p);
     assert!(matches!(err, DataError::UnknownSchema { .. }), "{msg}");
 }

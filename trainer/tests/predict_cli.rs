@@ -96,7 +96,7 @@ fn swap_tta_is_symmetric_in_the_two_responses() {
     w.write_record(["id", "prompt", "response_a", "response_b", "winner"])
         .unwrap();
     for r in records.iter().take(12) {
-        let winner = if r.label == shared::data::Label::ModelA {
+        let winner = if r.label == Some(shared::data::Label::ModelA) {
             "model_b"
         } else {
             "model_a"
@@ -111,11 +111,11 @@ fn swap_tta_is_symmetric_in_the_two_responses() {
         .unwrap();
     for r in records.iter().take(12) {
         w.write_record([
-            &r.id,
+            r.id.as_str(),
             &r.prompt,
             &r.response_a,
             &r.response_b,
-            r.label.as_str(),
+            r.label.map_or("", |l| l.as_str()),
         ])
         .unwrap();
     }

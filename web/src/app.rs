@@ -235,9 +235,9 @@ pub fn App() -> impl IntoView {
             let csv = m.csv(&records, &probs);
             let (mut n, mut correct) = (0usize, 0usize);
             for (r, p) in records.iter().zip(&probs) {
-                if r.label != Label::Tie {
+                if let Some(label @ (Label::ModelA | Label::ModelB)) = r.label {
                     n += 1;
-                    correct += usize::from(usize::from(p[1] > p[0]) == r.label.index());
+                    correct += usize::from(usize::from(p[1] > p[0]) == label.index());
                 }
             }
             let parts = js_sys::Array::of1(&csv.into());

@@ -10,7 +10,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, FloatDType};
 use serde::Serialize;
 use shared::batch::collate;
-use shared::data::{Format, Label, Record, load_bytes};
+use shared::data::{Format, Record, load_bytes};
 use shared::model::load::from_checkpoint;
 use shared::model::weights::Checkpoint;
 use shared::model::{Gemma2Config, Gemma2ForSequenceClassification, Placement};
@@ -206,7 +206,7 @@ impl Inner {
             prompt,
             response_a,
             response_b,
-            label: Label::Tie,
+            label: None,
             model_a: None,
             model_b: None,
             language: None,

@@ -93,7 +93,7 @@ impl Preprocessor {
             let e = preprocess_record(&self.tokenizer, &self.config, r, false)?;
             rows.push(PreparedRow {
                 id: &r.id,
-                label: r.label.as_str(),
+                label: r.label.map_or("", |l| l.as_str()),
                 input_ids: e.input_ids,
                 snipped: e.snipped,
             });

@@ -136,6 +136,7 @@ impl CheckpointSource<'_> {
     ) -> Result<Tensor<D>, WeightsError> {
         let key = self.key(key);
         let values = self.checkpoint.f32(&key, &shape)?;
+        super::weights::check_finite(&key, values.iter().copied())?;
         self.used.insert(key);
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
@@ -171,6 +172,7 @@ impl ParamSource for CheckpointSource<'_> {
             // memory of f32, which matters most in the browser's 4 GiB address space.
             let k = self.key(key);
             if let Some(values) = self.checkpoint.compact_f16(&k, &[vocab, hidden])? {
+                super::weights::check_finite(&k, values.iter().map(|v| v.to_f32()))?;
                 self.used.insert(k);
                 // The dtype must be named: from_data alone converts to the device's default (f32).
                 return Ok(Tensor::from_data(

@@ -27,6 +27,15 @@ pub enum WeightsError {
         actual: Vec<usize>,
     },
     #[error(
+        "tensor {key:?} holds {count} non-finite value(s) (the first, at flat index {index}, is {value}): the checkpoint is damaged or training diverged"
+    )]
+    NonFinite {
+        key: String,
+        count: usize,
+        index: usize,
+        value: f32,
+    },
+    #[error(
         "{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16, F16 or I8 with a _scale"
     )]
     Dtype {
@@ -34,6 +43,27 @@ pub enum WeightsError {
         key: String,
         dtype: String,
     },
+}
+
+/// Fails on the first NaN or infinity of `values`: a model with one would score every row NaN.
+pub fn check_finite(key: &str, values: impl IntoIterator<Item = f32>) -> Result<(), WeightsError> {
+    let mut first = None;
+    let mut count = 0;
+    for (i, v) in values.into_iter().enumerate() {
+        if !v.is_finite() {
+            count += 1;
+            first.get_or_insert((i, v));
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((index, value)) => Err(WeightsError::NonFinite {
+            key: key.into(),
+            count,
+            index,
+            value,
+        }),
+    }
 }
 
 /// Suffix of the per-row scale of an int8 tensor.
