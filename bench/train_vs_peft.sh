@@ -39,13 +39,8 @@ echo "$results}" > bench/out/train.json
 MODEL="$MODEL" SEQ="$SEQ" DEVICE="$DEVICE" PEAK_TFLOPS="${PEAK_TFLOPS:-989}" "$PY" - <<'PYEOF'
 import json, os
 r = json.load(open("bench/out/train.json"))
-cfg = json.load(open(os.path.join(os.environ["MODEL"], "config.json")))
-h, L, seq = cfg["hidden_size"], cfg["num_hidden_layers"], int(os.environ["SEQ"])
-q, kv, inter = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"], cfg["intermediate_size"]
-n = L * (2 * h * q + 2 * h * kv + 3 * h * inter)  # non-embedding matmul parameters
-# Per token: forward 2N, backward through the frozen base for activations 2N (no weight gradients), and
-# attention scores and values 4 * seq * q per layer forward, twice that backward.
-flops_per_token = 4 * n + 12 * L * seq * q
+# Model FLOPs per token as shared::model::flops counts them (the same model and adapters on both sides).
+flops_per_token = next(v["flops_per_token"] for k, v in r.items() if k.startswith("burn_"))
 base = r["pytorch"]["tokens_per_s"]
 for k, v in r.items():
     if not k.startswith("burn_"):

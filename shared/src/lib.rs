@@ -7,7 +7,8 @@
 //! - with the `native` feature, [`cache`] and [`prepare`]: the on-disk prepared-data cache and its multi-core
 //!   builder;
 //! - [`model`]: the Gemma-2 classifier and its LoRA adapters; [`plot`]: SVG pictures of a run;
-//! - with `native`, [`train`], [`report`], [`export`]: fine-tuning, the evaluation report, merged export.
+//! - with `native`, [`train`], [`report`], [`export`]: fine-tuning, the evaluation report, merged export;
+//!   [`run_dir`]: a training run's directory, locked by the process that uses it.
 
 pub mod batch;
 pub mod data;
@@ -28,5 +29,7 @@ pub mod predict;
 pub mod prepare;
 #[cfg(feature = "native")]
 pub mod report;
+#[cfg(feature = "native")]
+pub mod run_dir;
 #[cfg(feature = "native")]
 pub mod train;

@@ -19,6 +19,7 @@ use crate::batch::{collate, length_grouped_batches};
 use crate::cache::{PreparedSplit, write_atomic};
 use crate::model::Gemma2ForSequenceClassification;
 use crate::model::lora::LoraConfig;
+use crate::run_dir::RunDir;
 use crate::split::SplitMix64;
 
 /// Every training setting. Defaults are the reference recipe's; a run saves the resolved config as
@@ -59,6 +60,9 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     pub eval_batch_size: usize,
     pub precision: Precision,
+    /// The device's dense peak in the training precision, TFLOP/s, for the model FLOPs utilisation (MFU) in the
+    /// log; `None` looks the adapter up by name ([`crate::model::flops::known_peak_tflops`]).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +92,7 @@ impl Default for TrainConfig {
             early_stopping_patience: Some(3),
             eval_batch_size: 8,
             precision: Precision::Auto,
+            peak_tflops: None,
         }
     }
 }
@@ -183,7 +188,10 @@ impl TrainConfig {
                 self.label_smoothing
             ));
         }
-        if self.max_steps.is_none() && self.epochs <= 0.0 {
+        if self.max_steps == Some(0) {
+            return Err("max_steps must be at least 1".into());
+        }
+        if self.max_steps.is_none() && !(self.epochs > 0.0 && self.epochs.is_finite()) {
             return Err("epochs must be positive".into());
         }
         Ok(())
@@ -221,13 +229,26 @@ impl TrainConfig {
 
     /// Whether training runs in f16 on `device`.
     pub fn half(&self, device: &Device) -> bool {
-        let f16 = FloatDType::F16;
+        self.resolve_precision(device).0
+    }
+
+    /// Whether the frozen base trains in f16 on `device`, and why, in words a run prints.
+    pub fn resolve_precision(&self, device: &Device) -> (bool, &'static str) {
+        let gpu = crate::model::placement::is_gpu(device);
+        let f16 = device.supports_dtype(FloatDType::F16);
         match self.precision {
-            Precision::F32 => false,
-            Precision::F16 => true,
-            Precision::Auto => {
-                crate::model::placement::is_gpu(device) && device.supports_dtype(f16)
-            }
+            Precision::F32 => (false, "f32 (as asked)"),
+            Precision::F16 => (
+                true,
+                "f16 base, f32 adapters, head and optimizer state (as asked)",
+            ),
+            Precision::Auto if gpu && f16 => (
+                true,
+                "f16 base, f32 adapters, head and optimizer state (auto: the GPU supports f16)",
+            ),
+            Precision::Auto if gpu => (false, "f32 (auto: this GPU does not support f16)"),
+            // The CPU backend computes f16 by converting each value: slower than f32, and no memory to save.
+            Precision::Auto => (false, "f32 (auto: f16 pays only on a GPU)"),
         }
     }
 }
@@ -259,6 +280,13 @@ pub struct StepLog {
     /// Global gradient norm of the last step, before clipping.
     pub grad_norm: f64,
     pub rows_per_second: f64,
+    /// Input tokens (padding not counted) per second since the last log line.
+    #[serde(default)]
+    pub tokens_per_second: f64,
+    /// Model FLOPs utilisation since the last log line: the FLOPs a frozen-base LoRA step needs
+    /// ([`crate::model::flops`]) per second, over the device's peak; `None` where the peak is unknown.
+    #[serde(default)]
+    pub mfu: Option<f64>,
     pub elapsed_seconds: f64,
 }
 
@@ -282,7 +310,8 @@ pub struct EvalLog {
 /// What training tells the caller as it goes (the command line draws a bar from it).
 pub trait TrainEvents {
     fn start(&self, _total_steps: usize, _done: usize) {}
-    fn step(&self, _step: usize, _loss: f64) {}
+    /// An optimizer step ended. Its loss is not known yet: it stays on the device until the next log line.
+    fn step(&self, _step: usize) {}
     fn log(&self, _log: &StepLog) {}
     fn eval(&self, _log: &EvalLog) {}
     fn message(&self, _text: &str) {}
@@ -296,13 +325,6 @@ impl TrainEvents for Quiet {}
 pub struct TrainData<'a> {
     pub train: &'a PreparedSplit,
     pub val: &'a PreparedSplit,
-}
-
-/// Where the run lives and whether to continue it.
-pub struct RunDir {
-    pub dir: PathBuf,
-    /// Continue from the newest checkpoint in `dir` (fails when there is none).
-    pub resume: bool,
 }
 
 /// The state a checkpoint restores besides weights and optimizer.
@@ -341,7 +363,8 @@ const STATE_FILE: &str = "trainer_state.json";
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
 /// Fine-tunes `model` (a classifier without adapters, on `device`, which must be an autodiff device) and
-/// returns it with the best adapters. Writes `run.dir/log.jsonl`, checkpoints and `best/`.
+/// returns it with the best adapters. Writes the run's `log.jsonl`, checkpoints and `best/`; continues from the
+/// newest checkpoint when `run` was opened to resume.
 pub fn train(
     model: Gemma2ForSequenceClassification,
     config: &TrainConfig,
@@ -354,27 +377,18 @@ pub fn train(
     if data.train.is_empty() {
         return Err(TrainError::Invalid("the training split has no rows".into()));
     }
+    check_rows(data.train, "training", model.vocab_size(), true)?;
+    check_rows(data.val, "validation", model.vocab_size(), false)?;
     if !device.is_autodiff() {
         return Err(TrainError::Invalid(
             "training needs an autodiff device".into(),
         ));
     }
-    std::fs::create_dir_all(&run.dir).map_err(io_err(&run.dir))?;
-    let half = config.half(device);
-    let model = if half {
-        model.cast(FloatDType::F16)
-    } else {
-        model
-    };
-    let mut model = model.with_lora(&config.lora, device)?;
-    if config.quantize_base {
-        model = model.quantize_base(device);
-    }
-    if half {
-        // The head trains: keep it (and its optimizer state) in f32.
-        let w = model.score.weight.val().cast(FloatDType::F32);
-        model.score.weight = crate::model::lora::trainable("score.weight", w);
-    }
+    let mut model = for_training(model, config, device)?;
+    let peak_flops = config
+        .peak_tflops
+        .or_else(|| crate::model::flops::known_peak_tflops(device, config.half(device)))
+        .map(|t| t * 1e12);
     let mut optim = AdamWConfig::new()
         .with_beta_1(config.adam_beta1 as f32)
         .with_beta_2(config.adam_beta2 as f32)
@@ -395,10 +409,10 @@ pub fn train(
     };
     let mut logs: Vec<StepLog> = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
-    if run.resume {
-        let Some(ckpt) = latest_checkpoint(&run.dir) else {
+    if run.resumes() {
+        let Some(ckpt) = latest_checkpoint(run.path()) else {
             return Err(TrainError::Checkpoint {
-                path: run.dir.display().to_string(),
+                path: run.path().display().to_string(),
                 message: "--resume: no checkpoint to resume from".into(),
             });
         };
@@ -413,29 +427,27 @@ pub fn train(
                 ),
             });
         }
-        (logs, evals) = truncate_log(&run.dir.join(LOG_FILE), state.step)?;
+        (logs, evals) = truncate_log(&run.join(LOG_FILE), state.step)?;
         events.message(&format!(
             "resumed from {} at step {}/{total}",
             ckpt.display(),
             state.step
         ));
     } else {
-        write_atomic(&run.dir.join(LOG_FILE), b"").map_err(|e| TrainError::Io {
-            path: run.dir.join(LOG_FILE).display().to_string(),
+        write_atomic(&run.join(LOG_FILE), b"").map_err(|e| TrainError::Io {
+            path: run.join(LOG_FILE).display().to_string(),
             message: e.to_string(),
         })?;
     }
 
     let micro = micro_batches(data.train, config, total);
     let trainable = trainable_ids(&model);
-    let labels_of = |rows: &[usize]| -> Vec<i32> {
-        rows.iter()
-            .map(|&i| data.train.rows[i].label.index() as i32)
-            .collect()
-    };
     let clock = std::time::Instant::now();
     let first_step = state.step;
-    let mut rows_since_log = 0usize;
+    // What the steps since the last log line did. Their loss sum and the last gradient norm stay on the device
+    // and are read back together at the next log line or checkpoint, so the host never waits for the device
+    // inside the loop (evaluations aside).
+    let mut window = Window::default();
     let mut log_clock = std::time::Instant::now();
     events.start(total, state.step);
 
@@ -443,72 +455,37 @@ pub fn train(
         let step = state.step;
         let chunk = &micro[(step * config.grad_accum).min(micro.len())
             ..((step + 1) * config.grad_accum).min(micro.len())];
-        let mut accumulator = GradientsAccumulator::<Gemma2ForSequenceClassification>::new();
-        // The step's loss stays on the device until the step ends: reading it back after every micro-batch would
-        // make the device drain its queue each time.
-        let mut step_loss: Option<Tensor<1>> = None;
-        for (k, rows) in chunk.iter().enumerate() {
-            // Dropout draws from the device RNG: seed it from the position, so a resumed run draws the same.
-            device.seed(
-                config
-                    .seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add((step * config.grad_accum + k) as u64),
-            );
-            let ids: Vec<&[u32]> = rows.iter().map(|&i| data.train.input_ids(i)).collect();
-            let batch = collate(&ids, 0);
-            let labels =
-                Tensor::<1, Int>::from_data(TensorData::new(labels_of(rows), [rows.len()]), device);
-            let logits = model.forward_batch(&batch, device);
-            let loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
-                .div_scalar(chunk.len() as f64);
-            let value = loss.clone().detach();
-            step_loss = Some(match step_loss {
-                Some(sum) => sum + value,
-                None => value,
-            });
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-            rows_since_log += rows.len();
-        }
-        let step_loss = match step_loss {
-            Some(sum) => scalar(sum)?,
-            None => 0.0,
-        };
-        if !step_loss.is_finite() {
-            return Err(TrainError::Diverged {
-                step: step + 1,
-                loss: step_loss,
-            });
-        }
-        let mut grads = accumulator.grads();
-        let last_norm = clip_global_norm(&mut grads, &trainable, config.max_grad_norm)?;
         let lr = config.lr_at(step, total);
-        model = optim.step(lr, model, grads);
+        let out;
+        (model, out) = train_step(
+            model, &mut optim, chunk, data.train, config, step, lr, &trainable, device,
+        );
+        window.add(out, &model);
         state.step += 1;
-        state.pending_loss += step_loss;
-        state.pending_steps += 1;
-        events.step(state.step, step_loss);
+        events.step(state.step);
 
         let epoch = epoch_of(state.step, data.train.len(), config);
         if state.step.is_multiple_of(config.logging_steps) || state.step == total {
-            let elapsed = log_clock.elapsed().as_secs_f64();
+            let grad_norm = window.read_into(&mut state)?;
+            let elapsed = log_clock.elapsed().as_secs_f64().max(1e-9);
             let log = StepLog {
                 kind: "train".into(),
                 step: state.step,
                 epoch,
                 loss: state.pending_loss / state.pending_steps.max(1) as f64,
                 learning_rate: lr,
-                grad_norm: last_norm,
-                rows_per_second: rows_since_log as f64 / elapsed.max(1e-9),
+                grad_norm,
+                rows_per_second: window.rows as f64 / elapsed,
+                tokens_per_second: window.tokens as f64 / elapsed,
+                mfu: peak_flops.map(|peak| window.flops / elapsed / peak),
                 elapsed_seconds: clock.elapsed().as_secs_f64(),
             };
-            append_log(&run.dir, &log)?;
+            append_log(run.path(), &log)?;
             events.log(&log);
             logs.push(log);
             state.pending_loss = 0.0;
             state.pending_steps = 0;
-            rows_since_log = 0;
+            window = Window::default();
             log_clock = std::time::Instant::now();
         }
         let last = state.step == total;
@@ -519,7 +496,7 @@ pub fn train(
                 state.best_accuracy = Some(m.accuracy);
                 state.best_step = Some(state.step);
                 state.evals_without_gain = 0;
-                save_adapter(&run.dir.join(BEST_DIR), &model)?;
+                save_adapter(&run.join(BEST_DIR), &model)?;
             } else {
                 state.evals_without_gain += 1;
                 if config
@@ -544,17 +521,19 @@ pub fn train(
                 confusion: m.confusion,
                 best: gain,
             };
-            append_log(&run.dir, &log)?;
+            append_log(run.path(), &log)?;
             events.eval(&log);
             evals.push(log);
         }
         if state.step.is_multiple_of(config.save_steps) || last || state.stopped_early {
-            save_checkpoint(&run.dir, &model, &optim, &state, config.save_total_limit)?;
+            // The checkpoint carries the loss of the steps not logged yet, so a resumed run logs the same mean.
+            window.read_into(&mut state)?;
+            save_checkpoint(run.path(), &model, &optim, &state, config.save_total_limit)?;
         }
     }
     events.finish();
 
-    let best = run.dir.join(BEST_DIR).join(ADAPTER_FILE);
+    let best = run.join(BEST_DIR).join(ADAPTER_FILE);
     if best.is_file() {
         model = load_adapter(&best, model, device)?;
     }
@@ -566,6 +545,211 @@ pub fn train(
         logs,
         seconds: clock.elapsed().as_secs_f64(),
     })
+}
+
+/// A split is fit to train or validate on: every token id is inside the model's vocabulary (a mismatched
+/// tokenizer would index past the embedding), and, for training, no row is a tie (the classifier has two
+/// classes); a validation split needs at least one row labelled model_a or model_b.
+fn check_rows(
+    split: &PreparedSplit,
+    name: &str,
+    vocab: usize,
+    training: bool,
+) -> Result<(), TrainError> {
+    for (i, row) in split.rows.iter().enumerate() {
+        if let Some(&t) = split.input_ids(i).iter().find(|&&t| t as usize >= vocab) {
+            return Err(TrainError::Invalid(format!(
+                "{name} row {} (id {}): token id {t} is outside the model's vocabulary of {vocab}: the data was \
+                 prepared with a tokenizer that does not belong to this model",
+                i + 1,
+                row.id
+            )));
+        }
+        if training && row.label == crate::data::Label::Tie {
+            return Err(TrainError::Invalid(format!(
+                "{name} row {} (id {}) is a tie: the data was prepared with --keep-ties, and the classifier \
+                 has two classes (model_a, model_b); prepare it without --keep-ties",
+                i + 1,
+                row.id
+            )));
+        }
+    }
+    if !training && !split.rows.iter().any(|r| r.label.index() < 2) {
+        return Err(TrainError::Invalid(format!(
+            "the {name} split has no rows labelled model_a or model_b: nothing to evaluate on (give the \
+             split more rows)"
+        )));
+    }
+    Ok(())
+}
+
+/// The model as [`train`] trains it: the base in the run's precision (f16 on a GPU by default), LoRA adapters
+/// where the config says, optionally an int8 base; adapters and head stay in f32, so their gradients and AdamW
+/// state do too.
+pub fn for_training(
+    model: Gemma2ForSequenceClassification,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<Gemma2ForSequenceClassification, TrainError> {
+    let half = config.half(device);
+    if half && !device.supports_dtype(FloatDType::F16) {
+        return Err(TrainError::Invalid(
+            "this device does not support f16: train with --precision f32".into(),
+        ));
+    }
+    let model = if half {
+        model.cast(FloatDType::F16)
+    } else {
+        model
+    };
+    let mut model = model.with_lora(&config.lora, device)?;
+    if config.quantize_base {
+        model = model.quantize_base(device);
+    }
+    if half {
+        // The head trains: keep it (and its optimizer state) in f32.
+        let w = model.score.weight.val().cast(FloatDType::F32);
+        model.score.weight = crate::model::lora::trainable("score.weight", w);
+    }
+    Ok(model)
+}
+
+/// What one optimizer step leaves behind, still on the device.
+pub struct StepOutput {
+    /// The step's mean loss, `[1]`.
+    pub loss: Tensor<1>,
+    /// The global gradient norm before clipping, `[1]`; `None` when nothing received a gradient.
+    pub grad_norm: Option<Tensor<1>>,
+    pub rows: usize,
+    /// Input tokens, padding not counted.
+    pub tokens: usize,
+    /// `(rows, padded length)` of each micro-batch, for the FLOPs count.
+    pub shapes: Vec<(usize, usize)>,
+}
+
+/// One optimizer step (step `step`, 0-based, at learning rate `lr`): forward and backward over the step's
+/// micro-batches with their gradients accumulated, the global norm clipped, then AdamW. Nothing is read back
+/// from the device: on a GPU the host queues the next step while this one runs.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: Gemma2ForSequenceClassification,
+    optim: &mut ModuleOptimizer,
+    micro: &[Vec<usize>],
+    split: &PreparedSplit,
+    config: &TrainConfig,
+    step: usize,
+    lr: f64,
+    trainable: &[ParamId],
+    device: &Device,
+) -> (Gemma2ForSequenceClassification, StepOutput) {
+    let mut accumulator = GradientsAccumulator::<Gemma2ForSequenceClassification>::new();
+    let mut loss_sum: Option<Tensor<1>> = None;
+    let (mut rows, mut tokens, mut shapes) = (0, 0, Vec::with_capacity(micro.len()));
+    for (k, batch_rows) in micro.iter().enumerate() {
+        // Dropout draws from the device RNG: seed it from the position, so a resumed run draws the same.
+        device.seed(
+            config
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add((step * config.grad_accum + k) as u64),
+        );
+        let ids: Vec<&[u32]> = batch_rows.iter().map(|&i| split.input_ids(i)).collect();
+        let batch = collate(&ids, 0);
+        let labels: Vec<i32> = batch_rows
+            .iter()
+            .map(|&i| split.rows[i].label.index() as i32)
+            .collect();
+        let labels =
+            Tensor::<1, Int>::from_data(TensorData::new(labels, [batch_rows.len()]), device);
+        let logits = model.forward_batch(&batch, device);
+        let loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
+            .div_scalar(micro.len() as f64);
+        let value = loss.clone().detach();
+        loss_sum = Some(match loss_sum {
+            Some(sum) => sum + value,
+            None => value,
+        });
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        accumulator.accumulate(&model, grads);
+        rows += batch_rows.len();
+        tokens += batch.lengths.iter().sum::<usize>();
+        shapes.push((batch.batch_size, batch.seq_len));
+    }
+    let mut grads = accumulator.grads();
+    let grad_norm = clip_global_norm(&mut grads, trainable, config.max_grad_norm);
+    let model = optim.step(lr, model, grads);
+    let loss = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &device.clone().inner()));
+    (
+        model,
+        StepOutput {
+            loss,
+            grad_norm,
+            rows,
+            tokens,
+            shapes,
+        },
+    )
+}
+
+/// The steps since the last log line: their losses summed on the device, the last gradient norm, and what they
+/// processed.
+#[derive(Default)]
+struct Window {
+    loss: Option<Tensor<1>>,
+    steps: usize,
+    grad_norm: Option<Tensor<1>>,
+    rows: usize,
+    tokens: usize,
+    flops: f64,
+}
+
+impl Window {
+    fn add(&mut self, out: StepOutput, model: &Gemma2ForSequenceClassification) {
+        let first_trained = model.first_adapted_layer();
+        self.flops += out
+            .shapes
+            .iter()
+            .map(|&(rows, seq)| {
+                (rows * seq) as f64
+                    * crate::model::flops::training_flops_per_token(model, seq, first_trained)
+            })
+            .sum::<f64>();
+        self.loss = Some(match self.loss.take() {
+            Some(sum) => sum + out.loss,
+            None => out.loss,
+        });
+        self.steps += 1;
+        if out.grad_norm.is_some() {
+            self.grad_norm = out.grad_norm;
+        }
+        self.rows += out.rows;
+        self.tokens += out.tokens;
+    }
+
+    /// Reads the pending loss (one read for loss and norm) into `state` and returns the last gradient norm; a
+    /// non-finite loss stops the run before anything is written.
+    fn read_into(&mut self, state: &mut TrainerState) -> Result<f64, TrainError> {
+        let Some(loss) = self.loss.take() else {
+            return Ok(0.0);
+        };
+        let norm = self
+            .grad_norm
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros([1], &loss.device()));
+        let values = Tensor::cat(vec![loss, norm.cast(FloatDType::F32)], 0)
+            .try_to_vec_as::<f32>()
+            .map_err(|e| TrainError::Read(format!("{e:?}")))?;
+        let (loss, norm) = (f64::from(values[0]), f64::from(values[1]));
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: state.step,
+                loss,
+            });
+        }
+        state.pending_loss += loss;
+        state.pending_steps += std::mem::take(&mut self.steps);
+        Ok(norm)
+    }
 }
 
 fn epoch_of(step: usize, rows: usize, config: &TrainConfig) -> f64 {
@@ -602,13 +786,6 @@ fn micro_batches(train: &PreparedSplit, config: &TrainConfig, total: usize) -> V
     out
 }
 
-fn scalar(t: Tensor<1>) -> Result<f64, TrainError> {
-    let v = t
-        .try_to_vec_as::<f32>()
-        .map_err(|e| TrainError::Read(format!("{e:?}")))?;
-    Ok(v.first().copied().unwrap_or(f32::NAN) as f64)
-}
-
 /// The ids of the adapters and the head.
 pub fn trainable_ids(model: &Gemma2ForSequenceClassification) -> Vec<ParamId> {
     struct Ids(Vec<ParamId>);
@@ -624,13 +801,14 @@ pub fn trainable_ids(model: &Gemma2ForSequenceClassification) -> Vec<ParamId> {
     ids.0
 }
 
-/// Scales the gradients so their global L2 norm is at most `max` (PyTorch's `clip_grad_norm_`); returns the
-/// norm before clipping.
+/// Scales the gradients so their global L2 norm is at most `max`, as PyTorch's `clip_grad_norm_` does (every
+/// gradient times `min(1, max / (norm + 1e-6))`), and returns the norm before clipping. All on the device: the
+/// factor is a tensor, so clipping never waits for a read-back.
 fn clip_global_norm(
     grads: &mut GradientsParams,
     ids: &[ParamId],
     max: Option<f64>,
-) -> Result<f64, TrainError> {
+) -> Option<Tensor<1>> {
     let mut total: Option<Tensor<1>> = None;
     for id in ids {
         if let Some(g) = grads.get::<2>(*id) {
@@ -641,21 +819,23 @@ fn clip_global_norm(
             });
         }
     }
-    let Some(total) = total else {
-        return Ok(0.0);
-    };
-    let norm = scalar(total)?.sqrt();
-    if let Some(max) = max
-        && norm > max
-    {
-        let factor = max / (norm + 1e-6);
+    let norm = total?.sqrt();
+    if let Some(max) = max {
+        let factor = norm
+            .clone()
+            .add_scalar(1e-6)
+            .recip()
+            .mul_scalar(max)
+            .clamp_max(1.0)
+            .reshape([1, 1]);
         for id in ids {
             if let Some(g) = grads.remove::<2>(*id) {
-                grads.register(*id, g.mul_scalar(factor));
+                let f = factor.clone().cast(g.dtype());
+                grads.register(*id, g * f);
             }
         }
     }
-    Ok(norm)
+    Some(norm)
 }
 
 /// Loss, accuracy and confusion of a split.
@@ -709,7 +889,12 @@ pub fn evaluate_split(
         correct += usize::from(pred == y);
         confusion[y][pred] += 1;
     }
-    let n = rows.len().max(1) as f64;
+    if rows.is_empty() {
+        return Err(TrainError::Invalid(
+            "no rows labelled model_a or model_b to evaluate".into(),
+        ));
+    }
+    let n = rows.len() as f64;
     Ok(SplitMetrics {
         rows: rows.len(),
         loss: loss / n,
@@ -974,7 +1159,9 @@ mod tests {
         let device = Device::flex();
         let logits = Tensor::<2>::from_data(TensorData::new(vec![2.0f32, 0.0], [1, 2]), &device);
         let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32], [1]), &device);
-        let got = scalar(smoothed_cross_entropy(logits, labels, 0.1)).unwrap();
+        let got = smoothed_cross_entropy(logits, labels, 0.1)
+            .try_to_vec_as::<f32>()
+            .unwrap()[0] as f64;
         let lp0 = -(1.0f64 + (-2.0f64).exp()).ln();
         let lp1 = lp0 - 2.0;
         let want = -(0.9 * lp0 + 0.1 * (lp0 + lp1) / 2.0);

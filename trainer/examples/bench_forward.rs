@@ -1,7 +1,9 @@
 //! Forward throughput of the classifier: rows per second at a fixed length, and peak resident memory.
 //! Run by bench/forward_vs_pytorch.sh beside the same measurement in PyTorch.
 //!
-//!     cargo run --release -p trainer --example bench_forward -- MODEL_DIR [cpu|wgpu] [BATCH] [SEQ] [ITERS]
+//!     cargo run --release -p trainer --example bench_forward -- MODEL_DIR [cpu|wgpu] [BATCH] [SEQ] [ITERS] [f32|f16]
+//!
+//! With `f16` the model is cast to half precision, as `trainer predict --dtype f16` does.
 
 use std::time::Instant;
 
@@ -16,7 +18,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
-        .context("usage: bench_forward MODEL_DIR [cpu|wgpu] [BATCH] [SEQ] [ITERS]")?;
+        .context("usage: bench_forward MODEL_DIR [cpu|wgpu] [BATCH] [SEQ] [ITERS] [f32|f16]")?;
     let device = match args.get(2).map(String::as_str) {
         Some("cpu") => Device::flex(),
         // The adapter's own limits decide where the token embedding goes.
@@ -29,7 +31,11 @@ fn main() -> Result<()> {
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (batch, seq, iters) = (num(3, 8), num(4, 512), num(5, 5));
-    let loaded = shared::model::load::load_hf_dir(std::path::Path::new(dir), &device)?;
+    let mut loaded = shared::model::load::load_hf_dir(std::path::Path::new(dir), &device)?;
+    let half = args.get(6).is_some_and(|p| p == "f16");
+    if half {
+        loaded.model = loaded.model.cast(burn::tensor::FloatDType::F16);
+    }
     let vocab = loaded.config.vocab_size as u64;
     let mut rng = SplitMix64::new(0);
     let rows: Vec<Vec<u32>> = (0..batch)
@@ -55,7 +61,8 @@ fn main() -> Result<()> {
         serde_json::json!({
             "rows_per_s": (batch * iters) as f64 / seconds,
             "seconds_per_batch": seconds / iters as f64,
-            "batch": batch, "seq": seq, "iters": iters,
+            "batch": batch, "seq": seq, "iters": iters, "precision": if half { "f16" } else { "f32" },
+            "flops_per_token": shared::model::flops::forward_flops_per_token(&loaded.model, seq),
             "peak_rss_mib": common::peak_rss_mib(),
         })
     );

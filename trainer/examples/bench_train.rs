@@ -1,30 +1,32 @@
-//! LoRA training throughput: tokens per second of forward + backward + AdamW step with the recipe's adapters
-//! (r 32, alpha 64, q/k/v from layer 6), batch 1 at a fixed length, and peak resident memory.
-//! Run by bench/train_vs_peft.sh beside the same loop in PyTorch + PEFT.
+//! LoRA training throughput: tokens per second of `shared::train::train_step` (forward, backward, clipping,
+//! AdamW: the code `trainer train` runs) with the recipe's adapters (r 32, alpha 64, q/k/v from layer 6), one
+//! micro-batch of BATCH rows at a fixed length per step, and peak resident memory. Run by bench/train_vs_peft.sh
+//! and bench/gpu.sh beside the same loop in PyTorch + PEFT.
 //!
-//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16]
+//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16] [BATCH]
 //!
-//! With `f16` the frozen base is cast to half precision (adapters and head stay f32), as `trainer train` does
-//! on a GPU.
+//! With `f16` the frozen base is in half precision and adapters, head and optimizer state in f32, as
+//! `trainer train` does on a GPU. The JSON line also gives the model FLOPs per token
+//! (`shared::model::flops::training_flops_per_token`), from which the scripts compute MFU for both sides.
 
 use std::time::Instant;
 
 mod common;
 
 use anyhow::{Context, Result};
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use shared::batch::collate;
-use shared::model::Gemma2ForSequenceClassification as Model;
+use burn::optim::AdamWConfig;
+use burn::tensor::Device;
+use shared::cache::{PreparedSplit, RowMeta};
+use shared::data::Label;
 use shared::model::lora::LoraConfig;
 use shared::split::SplitMix64;
-use shared::train::smoothed_cross_entropy;
+use shared::train::{Precision, TrainConfig, for_training, train_step, trainable_ids};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
-        .context("usage: bench_train MODEL_DIR [cpu|wgpu] [SEQ] [STEPS]")?;
+        .context("usage: bench_train MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16] [BATCH]")?;
     let device = match args.get(2).map(String::as_str) {
         Some("cpu") => Device::flex(),
         // The adapter's own limits decide where the token embedding goes.
@@ -37,61 +39,83 @@ fn main() -> Result<()> {
     .autodiff();
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
-    let (seq, steps) = (num(3, 512), num(4, 5));
+    let (seq, steps, batch) = (num(3, 512), num(4, 5), num(6, 1));
+    let half = args.get(5).is_some_and(|p| p == "f16");
     let loaded = shared::model::load::load_hf_dir(std::path::Path::new(dir), &device)?;
     let layers = loaded.config.num_hidden_layers;
-    let lora = LoraConfig {
-        first_layer: 6.min(layers - 1),
-        ..LoraConfig::default()
+    let config = TrainConfig {
+        lora: LoraConfig {
+            first_layer: 6.min(layers - 1),
+            ..LoraConfig::default()
+        },
+        precision: if half { Precision::F16 } else { Precision::F32 },
+        batch_size: batch,
+        grad_accum: 1,
+        ..TrainConfig::default()
     };
-    let half = args.get(5).is_some_and(|p| p == "f16");
-    let base = if half {
-        loaded.model.cast(burn::tensor::FloatDType::F16)
-    } else {
-        loaded.model
-    };
-    let mut model = base.with_lora(&lora, &device)?;
-    if half {
-        let w = model.score.weight.val().cast(burn::tensor::FloatDType::F32);
-        model.score.weight = shared::model::lora::trainable("score.weight", w);
-    }
+    let mut model = for_training(loaded.model, &config, &device)?;
+    let trainable = trainable_ids(&model);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(0.01)
         .with_epsilon(1e-8)
         .init();
+
+    // Random rows of SEQ tokens with random labels, a fresh micro-batch each step.
     let vocab = loaded.config.vocab_size as u64;
     let mut rng = SplitMix64::new(0);
-    let mut step = |model: Model| -> Result<Model> {
-        let row: Vec<u32> = (0..seq).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
-        let batch = collate(&[row.as_slice()], 0);
-        let label =
-            Tensor::<1, Int>::from_data(TensorData::new(vec![(rng.below(2)) as i32], [1]), &device);
-        let loss = smoothed_cross_entropy(model.forward_batch(&batch, &device), label, 0.1);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let model = optim.step(2e-5, model, grads);
-        // Wait for the device: read one trained value back.
-        model
-            .score
-            .weight
-            .val()
-            .inner()
-            .slice([0..1, 0..1])
+    let mut split = PreparedSplit::with_capacity(batch * (steps + 1));
+    for i in 0..batch * (steps + 1) {
+        let ids: Vec<u32> = (0..seq).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
+        let meta = RowMeta {
+            id: i.to_string(),
+            label: if rng.below(2) == 0 {
+                Label::ModelA
+            } else {
+                Label::ModelB
+            },
+            language: None,
+            model_a: None,
+            model_b: None,
+            field_tokens: [0; 3],
+            snipped: [false; 3],
+            cut: false,
+        };
+        split.push(meta, &ids);
+    }
+    let mut step = |model, s: usize| -> Result<_> {
+        let rows: Vec<usize> = (s * batch..(s + 1) * batch).collect();
+        let (model, out) = train_step(
+            model,
+            &mut optim,
+            &[rows],
+            &split,
+            &config,
+            s,
+            2e-5,
+            &trainable,
+            &device,
+        );
+        // Wait for the device: read the step's loss back.
+        out.loss
             .try_to_vec_as::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(model)
     };
-    model = step(model)?; // warm-up: shader compilation, autotune, allocations
+    model = step(model, 0)?; // warm-up: shader compilation, autotune, allocations
     let start = Instant::now();
-    for _ in 0..steps {
-        model = step(model)?;
+    for s in 1..=steps {
+        model = step(model, s)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let flops =
+        shared::model::flops::training_flops_per_token(&model, seq, model.first_adapted_layer());
     println!(
         "{}",
         serde_json::json!({
-            "tokens_per_s": (seq * steps) as f64 / seconds,
+            "tokens_per_s": (batch * seq * steps) as f64 / seconds,
             "seconds_per_step": seconds / steps as f64,
-            "seq": seq, "steps": steps, "precision": if half { "f16" } else { "f32" },
+            "batch": batch, "seq": seq, "steps": steps, "precision": if half { "f16" } else { "f32" },
+            "flops_per_token": flops,
             "peak_rss_mib": common::peak_rss_mib(),
         })
     );

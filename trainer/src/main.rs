@@ -10,7 +10,25 @@ use shared::cache::{Manifest, PrepareSettings};
 use shared::data::Format;
 use shared::prepare::{PrepareRequest, Progress, prepare};
 use shared::preprocess::PreprocessConfig;
+use shared::run_dir::{OpenMode, RunDir};
 use shared::split::SplitRatios;
+
+/// Prints a line to stdout, ignoring a failed write: when stdout is a closed pipe (`trainer train | head -1`),
+/// `println!` would panic and abort the training; the output is lost, the work is not.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// [`out!`] without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 mod run;
 
@@ -63,9 +81,12 @@ struct TrainArgs {
     /// Training settings, TOML or JSON (any subset of the fields; the rest are the recipe's).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue the run in OUT from its newest checkpoint, with its saved settings.
-    #[arg(long)]
+    /// Continue the run in OUT from its newest checkpoint, with its saved settings, data and tokenizer.
+    #[arg(long, conflicts_with_all = ["overwrite", "data", "prepared", "model", "preset", "tokenizer"])]
     resume: bool,
+    /// Delete what OUT holds and start a new run there (without it, a used OUT is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// wgpu (any GPU; Mesa's lavapipe without one) or cpu.
     #[arg(long, default_value = "wgpu")]
     device: DeviceArg,
@@ -126,7 +147,7 @@ enum PrecisionArg {
 enum PresetArg {
     /// The demo's small model with Gemma's 256k vocabulary.
     Demo,
-    /// The unit-test model (32 wide, 2 layers).
+    /// The unit-test model (32 wide, 4 layers).
     Tiny,
 }
 
@@ -372,29 +393,49 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         None => shared::train::TrainConfig::default(),
     };
     args.overrides.apply(&mut config);
-    config.validate().map_err(anyhow::Error::msg)?;
-    let tokenizer = tokenizer_path(args.tokenizer.clone(), args.model.clone())?;
-    let prepared = match (&args.prepared, &args.data) {
-        (Some(p), _) => p.clone(),
-        (None, Some(d)) => run::prepare_into(d, &tokenizer, &args.out, PrepareSettings::default())?,
-        (None, None) => args.out.join("prepared"),
-    };
     let random = args.preset.map(|p| match p {
         PresetArg::Demo => run::demo_config(),
         PresetArg::Tiny => shared::model::Gemma2Config::tiny(),
     });
+    if let Some(c) = &random
+        && args.overrides.lora_first_layer.is_none()
+        && config.lora.first_layer >= c.num_hidden_layers
+    {
+        // The recipe adapts gemma-2-2b's layers 6 to 25; a preset's small model has fewer layers than that, so it
+        // gets adapters on every layer.
+        config.lora.first_layer = 0;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    // Locked before anything is written into it: a second run on the same directory stops here.
+    let mode = match (args.resume, args.overwrite) {
+        (true, _) => OpenMode::Resume,
+        (false, true) => OpenMode::Overwrite,
+        (false, false) => OpenMode::New,
+    };
+    let run_dir = RunDir::open(&args.out, mode)?;
+    let tokenizer = match args.resume {
+        // The run's own tokenizer, as run.json records it.
+        true => run::recorded_tokenizer(run_dir.path())?,
+        false => tokenizer_path(args.tokenizer.clone(), args.model.clone())?,
+    };
+    let prepared = match (&args.prepared, &args.data) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => {
+            run::prepare_into(d, &tokenizer, run_dir.path(), PrepareSettings::default())?
+        }
+        (None, None) => run_dir.join("prepared"),
+    };
     let out = run::run_train(run::TrainJob {
-        out: args.out,
+        run: run_dir,
         prepared,
         model: args.model,
         random,
         tokenizer,
         config,
-        resume: args.resume,
         device: args.device.device()?.autodiff(),
     })?;
-    println!("run: {}", out.display());
-    println!("curves: {}", out.join("curves.svg").display());
+    out!("run: {}", out.display());
+    out!("curves: {}", out.join("curves.svg").display());
     Ok(())
 }
 
@@ -409,8 +450,8 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         tokenizer: args.tokenizer,
         device: args.device.device()?,
     })?;
-    print!("{}", report.summary());
-    println!("report: {}", out.join("report.json").display());
+    out_raw!("{}", report.summary());
+    out!("report: {}", out.join("report.json").display());
     Ok(())
 }
 
@@ -421,10 +462,10 @@ fn cmd_export(args: ExportArgs) -> Result<()> {
 }
 
 fn print_export(out: &std::path::Path, exported: &shared::export::Exported) {
-    println!("Hugging Face directory: {}", out.join("hf").display());
-    println!("web bundle: {}", out.join("web").display());
+    out!("Hugging Face directory: {}", out.join("hf").display());
+    out!("web bundle: {}", out.join("web").display());
     for f in &exported.bundle.files {
-        println!(
+        out!(
             "  {:<24} {:>12} bytes  sha256 {}",
             f.file,
             f.bytes,
@@ -436,32 +477,39 @@ fn print_export(out: &std::path::Path, exported: &shared::export::Exported) {
 fn cmd_demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let tokenizer = tokenizer_path(None, None)?;
-    println!(
+    out!(
         "arena-judge demo: the whole pipeline on {}",
         args.data.display()
     );
-    println!(
+    out!(
         "note: the model is a small randomly initialised Gemma-2 (no pretrained weights), so it learns little;\n      real accuracy needs a pretrained checkpoint: trainer train --model DIR (e.g. google/gemma-2-2b)\n"
     );
+    // A demo replaces an earlier demo in the same place; any other non-empty directory is refused.
+    let earlier_demo = run::recorded_random_base(&args.out);
+    let mode = if earlier_demo {
+        OpenMode::Overwrite
+    } else {
+        OpenMode::New
+    };
+    let run_dir = RunDir::open(&args.out, mode)?;
     let prepared = run::prepare_into(
         &args.data,
         &tokenizer,
-        &args.out,
+        run_dir.path(),
         PrepareSettings::default(),
     )?;
     let mut config = run::demo_train_config();
     config.max_steps = args.max_steps;
     let run_dir = run::run_train(run::TrainJob {
-        out: args.out.clone(),
+        run: run_dir,
         prepared,
         model: None,
         random: Some(run::demo_config()),
         tokenizer,
         config,
-        resume: false,
         device: args.device.device()?.autodiff(),
     })?;
-    println!("\n== evaluation on the test split (straight and swapped)");
+    out!("\n== evaluation on the test split (straight and swapped)");
     let (eval_dir, report) = run::run_eval(run::EvalJob {
         run: Some(run_dir.clone()),
         model: None,
@@ -472,16 +520,16 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         tokenizer: None,
         device: args.device.device()?,
     })?;
-    print!("{}", report.summary());
-    println!("\n== export");
+    out_raw!("{}", report.summary());
+    out!("\n== export");
     let (export_dir, exported) = run::run_export(&run_dir, None, true)?;
     print_export(&export_dir, &exported);
-    println!("\ndone in {:.0}s", started.elapsed().as_secs_f64());
-    println!("report:     {}", eval_dir.join("report.txt").display());
-    println!("curves:     {}", run_dir.join("curves.svg").display());
-    println!("confusion:  {}", eval_dir.join("confusion.svg").display());
-    println!("web bundle: {}", export_dir.join("web").display());
-    println!(
+    out!("\ndone in {:.0}s", started.elapsed().as_secs_f64());
+    out!("report:     {}", eval_dir.join("report.txt").display());
+    out!("curves:     {}", run_dir.join("curves.svg").display());
+    out!("confusion:  {}", eval_dir.join("confusion.svg").display());
+    out!("web bundle: {}", export_dir.join("web").display());
+    out!(
         "reminder: a random small model learns little; for real accuracy train from a pretrained gemma-2 (--model DIR)"
     );
     Ok(())
@@ -539,14 +587,14 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     let prepared = prepare(&req, &bar)?;
     let m = &prepared.manifest;
     if prepared.reused {
-        println!(
+        out!(
             "cache {} is up to date with {} (sha256 {}); nothing to do",
             req.out.display(),
             m.source.path,
             &m.source.sha256[..12]
         );
     } else {
-        println!(
+        out!(
             "prepared {} in {:.1}s with the {} tokenizer",
             m.source.path,
             started.elapsed().as_secs_f64(),
@@ -554,11 +602,17 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
         );
     }
     print_summary(m);
-    println!("cache: {}", req.out.join(shared::cache::MANIFEST).display());
+    out!("cache: {}", req.out.join(shared::cache::MANIFEST).display());
     Ok(())
 }
 
 fn run_predict(args: PredictArgs) -> Result<()> {
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    // Before any work: the predictions must not replace an input.
+    shared::predict::check_output_path(&args.out, &[&args.data, &tokenizer_path, &args.model])?;
     let device = args.device.device()?;
     let started = Instant::now();
     let loaded = shared::model::load::load_hf_dir(&args.model, &device)
@@ -583,12 +637,11 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     } else {
         loaded.model
     };
-    let tokenizer_path = args
-        .tokenizer
-        .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tokenizer = shared::tokenizer::Tokenizer::from_file(&tokenizer_path)
         .with_context(|| "the model directory needs a tokenizer.json (or pass --tokenizer FILE)")?;
+    warn_vocab_mismatch(&tokenizer, &tokenizer_path, &model, &args.model);
     let dataset = shared::data::load_file(&args.data, args.format)?;
+    warn_duplicate_ids(&dataset, &args.data);
     let mut records = dataset.records;
     if let Some(n) = args.limit {
         records.truncate(n);
@@ -608,7 +661,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         &bar,
     )?;
     shared::predict::write_predictions_csv(&args.out, &records, &probs, &loaded.config.labels)?;
-    println!(
+    out!(
         "scored {} rows in {:.1}s ({}){}; predictions: {}",
         records.len(),
         started.elapsed().as_secs_f64(),
@@ -616,9 +669,9 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         if args.swap_tta { " with swap-TTA" } else { "" },
         args.out.display()
     );
-    let labels: Vec<shared::data::Label> = records.iter().map(|r| r.label).collect();
+    let labels: Vec<Option<shared::data::Label>> = records.iter().map(|r| r.label).collect();
     if let Some(m) = shared::predict::binary_metrics(&probs, &labels) {
-        println!(
+        out!(
             "accuracy {:.4}   log loss {:.4}   on {} labelled rows{}",
             m.accuracy,
             m.log_loss,
@@ -633,9 +686,40 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+/// A tokenizer whose ids the model's table does not cover is caught row by row before the forward pass; a
+/// different size either way usually means the two do not belong together, so say so up front.
+fn warn_vocab_mismatch(
+    tokenizer: &shared::tokenizer::Tokenizer,
+    tokenizer_path: &std::path::Path,
+    model: &shared::model::Gemma2ForSequenceClassification,
+    model_path: &std::path::Path,
+) {
+    if tokenizer.vocab_size != model.vocab_size() {
+        eprintln!(
+            "warning: the tokenizer {} has {} tokens and the model {} a vocabulary of {}: are they a pair?",
+            tokenizer_path.display(),
+            tokenizer.vocab_size,
+            model_path.display(),
+            model.vocab_size()
+        );
+    }
+}
+
+fn warn_duplicate_ids(dataset: &shared::data::Dataset, path: &std::path::Path) {
+    let dups = dataset.duplicate_ids();
+    if !dups.is_empty() {
+        eprintln!(
+            "warning: {}: {} id(s) occur more than once (first: {}); every row is scored, in file order",
+            path.display(),
+            dups.len(),
+            dups[0]
+        );
+    }
+}
+
 fn print_summary(m: &Manifest) {
     let c = &m.counts;
-    println!(
+    out!(
         "rows read: {}  ({:?} schema)   ties dropped: {}   rows kept after {}% sample: {}",
         c.rows_read,
         m.source.format,
@@ -643,9 +727,15 @@ fn print_summary(m: &Manifest) {
         m.settings.sample_percent,
         c.rows_after_sample
     );
-    println!(
+    out!(
         "{:<6} {:>7} {:>16} {:>16} {:>12} {:>9} {:>9}",
-        "split", "rows", "model_a", "model_b", "tie", "snipped", "cut@max"
+        "split",
+        "rows",
+        "model_a",
+        "model_b",
+        "tie",
+        "snipped",
+        "cut@max"
     );
     for (name, s) in &c.splits {
         let pct = |n: usize| {
@@ -655,7 +745,7 @@ fn print_summary(m: &Manifest) {
                 100.0 * n as f64 / s.rows as f64
             }
         };
-        println!(
+        out!(
             "{:<6} {:>7} {:>8} ({:>5.1}%) {:>8} ({:>5.1}%) {:>4} ({:>4.1}%) {:>9} {:>9}",
             name,
             s.rows,

@@ -19,9 +19,10 @@ use shared::model::Gemma2ForSequenceClassification;
 use shared::model::lora::parameter_counts;
 use shared::plot::{Panel, Series, confusion_matrix, line_chart};
 use shared::prepare::{PrepareRequest, prepare};
+use shared::run_dir::RunDir;
 use shared::train::{
-    ADAPTER_FILE, BEST_DIR, CONFIG_FILE, EvalLog, LOG_FILE, RunDir, StepLog, TrainConfig,
-    TrainData, TrainEvents, read_log, train,
+    ADAPTER_FILE, BEST_DIR, CONFIG_FILE, EvalLog, LOG_FILE, StepLog, TrainConfig, TrainData,
+    TrainEvents, read_log, train,
 };
 
 use crate::Bar;
@@ -103,15 +104,27 @@ fn write_random_base(dir: &Path, config: &Gemma2Config, seed: u64) -> Result<()>
 }
 
 pub struct TrainJob {
-    pub out: PathBuf,
+    /// The run directory, opened and locked (new, resumed or overwritten).
+    pub run: RunDir,
     pub prepared: PathBuf,
     pub model: Option<PathBuf>,
     /// A random model of this config when there is no `model`.
     pub random: Option<Gemma2Config>,
     pub tokenizer: PathBuf,
     pub config: TrainConfig,
-    pub resume: bool,
     pub device: Device,
+}
+
+/// The tokenizer a run was made with (`run.json`).
+pub fn recorded_tokenizer(run: &Path) -> Result<PathBuf> {
+    let info: RunInfo = read_json(&run.join(RUN_FILE))
+        .context("--resume needs a run directory made by `trainer train`")?;
+    Ok(info.tokenizer)
+}
+
+/// Whether `dir` holds a run on a randomly initialised model (a demo's, or a `--preset` run's).
+pub fn recorded_random_base(dir: &Path) -> bool {
+    read_json::<RunInfo>(&dir.join(RUN_FILE)).is_ok_and(|info| info.random_base)
 }
 
 /// Loads a run's base model with its LoRA layout and the adapters of `adapter` (when given).
@@ -142,9 +155,8 @@ pub fn load_run_model(
 
 /// Trains, then scores the test split and draws the pictures. Returns the run directory.
 pub fn run_train(job: TrainJob) -> Result<PathBuf> {
-    let out = abs(&job.out);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let (info, config) = if job.resume {
+    let out = job.run.path().to_path_buf();
+    let (info, config) = if job.run.resumes() {
         let info: RunInfo = read_json(&out.join(RUN_FILE))
             .context("--resume needs a run directory made by `trainer train`")?;
         let config = TrainConfig::from_file(&out.join(CONFIG_FILE))?;
@@ -182,13 +194,13 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     let loaded = shared::model::load::load_hf_dir(&info.base_model, &device)
         .with_context(|| format!("loading the base model {}", info.base_model.display()))?;
     let (trainable, total) = parameter_counts(&loaded.config, &config.lora);
-    println!(
+    out!(
         "trainable params: {trainable} || all params: {total} || trainable%: {:.4}",
         100.0 * trainable as f64 / total as f64
     );
     let steps = config.total_steps(train_split.len());
-    println!(
-        "training on {} rows ({} val, {} test): {} steps of {} x {} rows, lr {} ({:?}, {} warmup steps), {} precision",
+    out!(
+        "training on {} rows ({} val, {} test): {} steps of {} x {} rows, lr {} ({:?}, {} warmup steps); precision: {}",
         train_split.len(),
         val_split.len(),
         test_split.len(),
@@ -198,8 +210,9 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
         config.learning_rate,
         config.schedule,
         config.warmup_steps(steps),
-        if config.half(&device) { "f16" } else { "f32" },
+        config.resolve_precision(&device).1,
     );
+    out!("device: {}", describe_device(&device));
     let events = TrainBar::default();
     let trained = train(
         loaded.model,
@@ -208,15 +221,12 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
             train: &train_split,
             val: &val_split,
         },
-        &RunDir {
-            dir: out.clone(),
-            resume: job.resume,
-        },
+        &job.run,
         &device,
         &events,
     )?;
     let s = &trained.state;
-    println!(
+    out!(
         "trained {} steps in {:.1}s{}; best validation accuracy {} at step {}",
         trained.steps_run,
         trained.seconds,
@@ -230,9 +240,12 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     );
     let plain = device.clone().inner();
     let test = shared::train::evaluate_split(&trained.model.valid(), &test_split, &config, &plain)?;
-    println!(
+    out!(
         "test (best checkpoint): loss {:.4}  accuracy {:.4}  log loss {:.4}  on {} rows",
-        test.loss, test.accuracy, test.log_loss, test.rows
+        test.loss,
+        test.accuracy,
+        test.log_loss,
+        test.rows
     );
     write_json(
         &out.join("test_metrics.json"),
@@ -243,6 +256,16 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     )?;
     draw_run(&out)?;
     Ok(out)
+}
+
+/// The device in a line: the adapter's name and the shader language its kernels compile to (`spirv` on Vulkan,
+/// `msl` on Metal, `wgsl` elsewhere), or the CPU backend.
+pub fn describe_device(device: &Device) -> String {
+    match device.identity() {
+        Some(id) => format!("{} ({})", id.name, id.fingerprint),
+        None if shared::model::placement::is_gpu(device) => "wgpu".into(),
+        None => "CPU (burn flex)".into(),
+    }
 }
 
 /// `curves.svg` and `confusion_val.svg` from the run's log.
@@ -442,7 +465,7 @@ pub fn prepare_into(
     let started = Instant::now();
     let prepared = prepare(&req, &Bar::default())?;
     let c = &prepared.manifest.counts;
-    println!(
+    out!(
         "prepared {} rows ({} ties dropped) in {:.1}s: {}",
         c.rows_after_sample,
         c.ties_dropped,
@@ -482,10 +505,18 @@ impl TrainEvents for TrainBar {
             *slot = Some(b);
         }
     }
-    fn step(&self, step: usize, loss: f64) {
+    fn step(&self, step: usize) {
+        self.with(|b| b.set_position(step as u64));
+    }
+    fn log(&self, l: &StepLog) {
+        let mfu = l
+            .mfu
+            .map_or(String::new(), |m| format!("  MFU {:.1}%", 100.0 * m));
         self.with(|b| {
-            b.set_position(step as u64);
-            b.set_message(format!("loss {loss:.4}"));
+            b.set_message(format!(
+                "loss {:.4}  {:.0} tok/s{mfu}",
+                l.loss, l.tokens_per_second
+            ))
         });
     }
     fn eval(&self, e: &EvalLog) {
@@ -503,11 +534,11 @@ impl TrainEvents for TrainBar {
         // `suspend` prints whether or not the bar is drawn (`println` on a hidden bar prints nothing).
         let mut printed = false;
         self.with(|b| {
-            b.suspend(|| println!("{text}"));
+            b.suspend(|| out!("{text}"));
             printed = true;
         });
         if !printed {
-            println!("{text}");
+            out!("{text}");
         }
     }
     fn finish(&self) {

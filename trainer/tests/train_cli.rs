@@ -211,3 +211,51 @@ fn demo_runs_the_whole_pipeline() {
     ]));
     assert!(stdout.contains("accuracy"), "{stdout}");
 }
+
+/// `trainer train` as the README gives it, with default settings: wgpu (lavapipe here) in `auto` precision,
+/// which is f16 there as on a real GPU, and the CPU in f16 when asked. Both panicked at the first step once.
+#[test]
+fn train_with_default_settings_runs_in_half_precision_on_wgpu_and_cpu() {
+    let data = root().join("data/arena-sample.parquet");
+    for (name, extra) in [
+        ("train-default-wgpu", &[][..]),
+        (
+            "train-f16-cpu",
+            &["--device", "cpu", "--precision", "f16"][..],
+        ),
+    ] {
+        let out = temp_dir(name);
+        let stdout = run_ok(
+            trainer()
+                .args([
+                    "train",
+                    "--preset",
+                    "tiny",
+                    "--max-steps",
+                    "2",
+                    "--logging-steps",
+                    "1",
+                ])
+                .args(extra)
+                .args([
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ]),
+        );
+        assert!(stdout.contains("precision: f16"), "{name}: {stdout}");
+        let (logs, evals) = shared::train::read_log(&out.join("log.jsonl")).unwrap();
+        assert_eq!(logs.len(), 2, "{name}");
+        assert!(
+            logs.iter()
+                .all(|l| l.loss.is_finite() && l.tokens_per_second > 0.0),
+            "{name}: {logs:?}"
+        );
+        assert!(
+            evals.iter().all(|e| e.loss.is_finite()),
+            "{name}: {evals:?}"
+        );
+        assert!(out.join("test_metrics.json").is_file(), "{name}");
+    }
+}

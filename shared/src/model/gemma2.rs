@@ -412,6 +412,11 @@ impl Gemma2ForSequenceClassification {
         batch_tensors(batch, &self.embedding_device(), device)
     }
 
+    /// Rows of the token embedding: every input id must be below it.
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.val().dims()[0]
+    }
+
     /// The device the token embedding lives on: the compute device, or the host when the table is larger than
     /// one GPU binding (see [`super::placement`]).
     pub fn embedding_device(&self) -> Device {
@@ -485,10 +490,15 @@ impl ParamSource for RandomInit<'_> {
         Ok(Tensor::zeros([n], self.device))
     }
     fn linear(&mut self, _key: &str, d_in: usize, d_out: usize) -> Result<Linear, Self::Error> {
-        Ok(LinearConfig::new(d_in, d_out)
+        let linear = LinearConfig::new(d_in, d_out)
             .with_bias(false)
             .with_initializer(Self::normal())
-            .init(self.device))
+            .init(self.device);
+        // burn draws an initializer's values when the parameter is first read. Read now, in build order: else the
+        // weights would depend on what else drew from the device's RNG first (adapters attached before the first
+        // forward pass, say), and one seed would not give one model.
+        let _ = linear.weight.val();
+        Ok(linear)
     }
     fn embedding(
         &mut self,
@@ -832,7 +842,13 @@ struct CastFloats(FloatDType);
 impl burn::module::ModuleMapper for CastFloats {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let dtype = self.0;
-        param.map(move |t| t.cast(dtype))
+        param.map(move |t| {
+            // On an autodiff device a cast is an operation: its result is a node of the graph (its gradient would
+            // flow back to the f32 original), not a parameter, and it cannot be made trainable again. Detached,
+            // the cast weight is a leaf, trainable or frozen like the original.
+            let require_grad = t.is_require_grad();
+            t.cast(dtype).detach().set_require_grad(require_grad)
+        })
     }
 }
 

@@ -251,9 +251,10 @@ impl Projection {
     }
 }
 
-/// A trainable parameter whose id is fixed by its name.
+/// A trainable parameter whose id is fixed by its name. `tensor` may be computed (a cast, a transpose): it is
+/// detached first, since only a leaf of the autodiff graph can be made trainable.
 pub fn trainable<const D: usize>(key: &str, tensor: Tensor<D>) -> Param<Tensor<D>> {
-    let mut param = Param::from_tensor(tensor);
+    let mut param = Param::from_tensor(tensor.detach());
     param.id = ParamId::from(name_id(key));
     param
 }
@@ -328,6 +329,12 @@ impl Gemma2ForSequenceClassification {
             }
         }
         self
+    }
+
+    /// The lowest layer with an adapter: the backward pass goes no further down.
+    pub fn first_adapted_layer(&self) -> Option<usize> {
+        (0..self.model.layers.len())
+            .find(|&i| self.projections(i).iter().any(|(_, p)| p.lora.is_some()))
     }
 
     /// Every projection of layer `layer` with its name below the layer (`self_attn.q_proj`, ...).

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The GPU benchmark: arena-judge against PyTorch + transformers + PEFT on the same GPU, gemma-2-2b-shaped random
+# weights (2304 x 26, 256k vocabulary, bf16), side by side with ratios and MFU:
+#   - forward, 8 x 512 tokens: PyTorch bf16 (sdpa, eager) against ours in f16;
+#   - a LoRA step (the recipe's adapters: r 32, alpha 64, q/k/v of layers 6-25), 1 x 512: PEFT bf16 (sdpa, eager)
+#     and f32 against ours in f16 and f32; and at a batch that fills the GPU (BIG_BATCH x 512);
+#   - `trainer train` with default settings on the bundled real rows: rows/s and tokens/s from its log.
+#
+# For a machine with no Rust toolchain and no network (an H200 lent through the device tool): run
+# bench/gpu_pack.sh here first, carry bench/out/gpu, and run this script there from the repository root. It
+# builds nothing, uses that machine's python3 (torch, transformers, peft), gives every step its own timeout,
+# stops starting new steps after BUDGET seconds (default 420, so the whole run stays under 8 minutes), and writes
+# its log and results to $OUT (the device tool's folder) or bench/out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PACK=bench/out/gpu
+RES=${OUT:-bench/out}/gpu
+BUDGET=${BUDGET:-420}
+BIG_BATCH=${BIG_BATCH:-16}
+PEAK_HALF=${PEAK_HALF:-989}   # dense bf16/f16 TFLOP/s of an H200 (H100 SXM's), from the datasheet
+PEAK_F32=${PEAK_F32:-67}
+W=/tmp/arena-judge-gpu
+mkdir -p "$RES" "$W"
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+log() { echo "$*" | tee -a "$RES/log.txt"; }
+left() { echo $((BUDGET - ($(date +%s) - started))); }
+# step NAME TIMEOUT CMD...: runs CMD under its own timeout, its last line (a JSON object) to $RES/NAME.json.
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ "$(left)" -le 20 ]; then log "skip $name: the time budget is spent"; return; fi
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  log "== $name (timeout ${limit}s)"
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$RES/$name.out" 2> "$RES/$name.err"
+  local rc=$?
+  tail -n 1 "$RES/$name.out" > "$RES/$name.json"
+  log "   rc $rc in $(( $(date +%s) - t0 ))s: $(cat "$RES/$name.json")"
+  [ $rc -eq 0 ] || tail -n 5 "$RES/$name.err" | tee -a "$RES/log.txt"
+}
+
+# The Vulkan loader, and the NVIDIA ICD where the image keeps it outside the default search path.
+for f in "$PACK"/debs/*.deb; do dpkg -x "$f" /; done
+ldconfig
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -f "$icd" ]; then
+  export VK_DRIVER_FILES=$icd __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
+xz -dc "$PACK/bin.tar.xz" | tar -C "$W" -xf -
+xz -dc "$PACK/tokenizer.json.xz" > "$W/tokenizer.json"
+BIN=$W/bin
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$RES/log.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$RES/log.txt"
+
+M=$W/gemma2-2b
+step make 120 python3 bench/forward_vs_pytorch.py make "$M" --preset 2b --device cuda --dtype bfloat16
+cp "$W/tokenizer.json" "$M/"
+
+# Forward, 8 x 512.
+step fwd_torch_sdpa 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 sdpa
+step fwd_torch_eager 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 eager
+step fwd_ours_f16 120 "$BIN/bench_forward" "$M" wgpu 8 512 10 f16
+# A LoRA step, 1 x 512, and a batch that fills the GPU.
+step train_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 sdpa 1
+step train_peft_eager 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 eager 1
+step train_peft_f32 90 python3 bench/train_peft.py "$M" cuda 512 10 float32 eager 1
+step train_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 10 f16 1
+step train_ours_f32 120 "$BIN/bench_train" "$M" wgpu 512 10 f32 1
+step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
+step big_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 5 f16 "$BIG_BATCH"
+# `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated) on the real sample rows.
+rm -rf "$W/run"
+step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet --out "$W/run" \
+  --max-steps 12 --logging-steps 2 --eval-steps 1000 --save-steps 1000
+[ -f "$W/run/log.jsonl" ] && cp "$W/run/log.jsonl" "$RES/trainer_train_log.jsonl"
+
+RES="$RES" PEAK_HALF="$PEAK_HALF" PEAK_F32="$PEAK_F32" python3 - <<'PYEOF' | tee -a "$RES/log.txt"
+import json, os
+res = os.environ["RES"]
+def load(name):
+    try:
+        return json.loads(open(os.path.join(res, name + ".json")).read())
+    except Exception:
+        return None
+peak = {"half": float(os.environ["PEAK_HALF"]) * 1e12, "f32": float(os.environ["PEAK_F32"]) * 1e12}
+def mfu(rate, flops, kind):
+    return f"{100 * rate * flops / peak[kind]:.1f}%" if rate and flops else "-"
+def table(title, unit, rows, ref_name, flops):
+    ref = load(ref_name)
+    print(f"\n{title}")
+    print(f"| run | {unit} | vs {ref_name} | MFU |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, label, key, scale, kind in rows:
+        r = load(name)
+        if not r or key not in r:
+            print(f"| {label} | failed or skipped | | |")
+            continue
+        v = r[key]
+        ratio = f"{v / ref[key]:.2f}x" if ref and key in ref else "-"
+        print(f"| {label} | {v:,.1f} | {ratio} | {mfu(v * scale, flops, kind)} |")
+fwd = load("fwd_ours_f16") or {}
+table("Forward, batch 8 x 512 (target: ours >= PyTorch bf16 sdpa)", "rows/s", [
+    ("fwd_torch_sdpa", "PyTorch bf16, sdpa", "rows_per_s", 512, "half"),
+    ("fwd_torch_eager", "PyTorch bf16, eager", "rows_per_s", 512, "half"),
+    ("fwd_ours_f16", "arena-judge f16 (SPIR-V)", "rows_per_s", 512, "half"),
+], "fwd_torch_sdpa", fwd.get("flops_per_token"))
+tr = load("train_ours_f16") or load("train_ours_f32") or {}
+table("LoRA step, batch 1 x 512 (target: ours >= PEFT bf16 sdpa)", "tokens/s", [
+    ("train_peft_sdpa", "PEFT bf16, sdpa", "tokens_per_s", 1, "half"),
+    ("train_peft_eager", "PEFT bf16, eager", "tokens_per_s", 1, "half"),
+    ("train_peft_f32", "PEFT f32", "tokens_per_s", 1, "f32"),
+    ("train_ours_f16", "arena-judge f16 base", "tokens_per_s", 1, "half"),
+    ("train_ours_f32", "arena-judge f32", "tokens_per_s", 1, "f32"),
+], "train_peft_sdpa", tr.get("flops_per_token"))
+table("LoRA step, a batch that fills the GPU (target: >= PEFT, MFU >= 40%)", "tokens/s", [
+    ("big_peft_sdpa", "PEFT bf16, sdpa", "tokens_per_s", 1, "half"),
+    ("big_ours_f16", "arena-judge f16 base", "tokens_per_s", 1, "half"),
+], "big_peft_sdpa", tr.get("flops_per_token"))
+try:
+    logs = [json.loads(l) for l in open(os.path.join(res, "trainer_train_log.jsonl")) if '"train"' in l]
+    last = logs[-1]
+    print(f"\ntrainer train (defaults, real rows): {last['rows_per_second']:.2f} rows/s, "
+          f"{last['tokens_per_second']:.0f} tokens/s, MFU {last.get('mfu')}, loss {last['loss']:.4f} at step {last['step']}")
+except Exception as e:
+    print(f"\ntrainer train: no log ({e})")
+PYEOF
+log "done in $(( $(date +%s) - started ))s"
