@@ -27,6 +27,8 @@ pub enum PrepareError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Settings(String),
+    #[error(transparent)]
+    Clean(#[from] crate::run_dir::RunDirError),
     #[error("{file}: row {row} (id {id}): {source}")]
     Row {
         file: String,
@@ -94,7 +96,9 @@ pub fn prepare(req: &PrepareRequest, progress: &dyn Progress) -> Result<Prepared
         other => other.into(),
     })?;
     // An interrupted earlier run may have left `.NAME.tmp-PID` files behind.
-    crate::run_dir::remove_stale_temporaries(&req.out);
+    if req.out.is_dir() {
+        crate::run_dir::remove_stale_temporaries(&req.out)?;
+    }
     let key = cache_key(&source_sha, &tok_sha, &req.settings);
     if !req.force
         && let Ok(manifest) = Manifest::read(&req.out)

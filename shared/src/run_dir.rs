@@ -127,12 +127,7 @@ impl RunDir {
             }
             OpenMode::Overwrite => {
                 for p in entries {
-                    let removed = if p.is_dir() {
-                        std::fs::remove_dir_all(&p)
-                    } else {
-                        std::fs::remove_file(&p)
-                    };
-                    removed.map_err(io(&p))?;
+                    remove(&p, p.is_dir())?;
                 }
             }
             _ => run.remove_stale_temporaries()?,
@@ -165,28 +160,11 @@ impl RunDir {
         Ok(out)
     }
 
-    /// Removes `.NAME.tmp-PID` files and folders, anywhere below the run, whose process is gone: an atomic write
-    /// interrupted by a kill leaves one behind.
+    /// Removes stale temporaries anywhere below the run (see [`remove_stale_temporaries`]).
     fn remove_stale_temporaries(&self) -> Result<(), RunDirError> {
         let mut stack = vec![self.dir.clone()];
         while let Some(dir) = stack.pop() {
-            for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
-                let e = e.map_err(io(&dir))?;
-                let path = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                let stale = temporary_owner(&name).is_some_and(|pid| !process_alive(pid));
-                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if stale {
-                    let removed = if is_dir {
-                        std::fs::remove_dir_all(&path)
-                    } else {
-                        std::fs::remove_file(&path)
-                    };
-                    removed.map_err(io(&path))?;
-                } else if is_dir {
-                    stack.push(path);
-                }
-            }
+            stack.extend(remove_stale_temporaries(&dir)?);
         }
         Ok(())
     }
@@ -210,22 +188,31 @@ fn process_alive(pid: u32) -> bool {
     !proc_dir.is_dir() || proc_dir.join(pid.to_string()).exists()
 }
 
-/// Removes stale temporaries (see [`RunDir`]) from any directory, such as a prepared-data cache.
-pub fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
+/// Removes the `.NAME.tmp-PID` files and folders in `dir` whose process is gone (an atomic write interrupted by
+/// a kill leaves one behind); returns the other folders in `dir`, for a caller that goes deeper.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>, RunDirError> {
+    let mut folders = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
         if temporary_owner(&name).is_some_and(|pid| !process_alive(pid)) {
-            let path = e.path();
-            let _ = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
+            remove(&path, is_dir)?;
+        } else if is_dir {
+            folders.push(path);
         }
     }
+    Ok(folders)
+}
+
+fn remove(path: &Path, is_dir: bool) -> Result<(), RunDirError> {
+    let removed = if is_dir {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    removed.map_err(io(path))
 }
 
 #[cfg(test)]

@@ -8,14 +8,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use arena_judge_tests::{root, temp_dir, tokenizer_path};
+
+use crate::train_cli::trainer;
 use burn::tensor::Device;
 use shared::model::Gemma2Config;
-
-fn trainer() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
-    c.current_dir(root());
-    c
-}
 
 fn text(out: &Output) -> String {
     format!(

@@ -45,7 +45,7 @@ fn train_args(out: &Path) -> Vec<String> {
     .collect()
 }
 
-fn trainer() -> Command {
+pub(crate) fn trainer() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
     c.current_dir(root());
     c
