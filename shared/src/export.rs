@@ -5,11 +5,15 @@ use std::path::Path;
 
 use burn::tensor::{FloatDType, Tensor};
 use safetensors::{Dtype, tensor::TensorView};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::bundle::{
+    BUNDLE_MANIFEST, BundleAbout, BundleFile, BundleManifest, BundleWeights, FormatQuality,
+    WeightFormat,
+};
 use crate::model::Gemma2ForSequenceClassification;
 use crate::model::config::{Gemma2Config, LayerType};
+use crate::model::quant;
 use crate::model::weights::SCALE_SUFFIX;
 use crate::preprocess::PreprocessConfig;
 
@@ -49,16 +53,6 @@ pub fn safetensors_f32(tensors: &[NamedTensor]) -> Result<Vec<u8>, String> {
         })
         .collect::<Result<_, _>>()?;
     safetensors::serialize(views, None).map_err(|e| e.to_string())
-}
-
-/// How the exported weights are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightFormat {
-    F32,
-    F16,
-    /// Symmetric int8 per row, with an f16 scale per row (`key_scale`). Norms stay f16.
-    Int8,
 }
 
 /// A tensor's shape and its values as f32.
@@ -121,51 +115,88 @@ pub fn hf_tensors(
     Ok(out)
 }
 
-/// Serializes tensors in `format`. Int8 quantizes 2-D tensors per row; 1-D ones (norms) stay f16.
+/// A tensor as stored: name, dtype, shape and little-endian bytes.
+pub type StoredTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Serializes tensors in `format`. Int8 quantizes 2-D tensors per row, q4 in blocks; 1-D ones (norms) stay f16.
 pub fn serialize(tensors: &[NamedTensor], format: WeightFormat) -> Result<Vec<u8>, String> {
-    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut stored = Vec::new();
     for (name, shape, values) in tensors {
-        match format {
-            WeightFormat::F32 => stored.push((
-                name.clone(),
-                Dtype::F32,
-                shape.clone(),
-                values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )),
-            WeightFormat::Int8 if shape.len() == 2 => {
-                let cols = shape[1].max(1);
-                let mut q = Vec::with_capacity(values.len());
-                let mut scales = Vec::with_capacity(shape[0]);
-                for row in values.chunks(cols) {
-                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-                    // Round the scale to f16 first, so the stored scale is the one the values were divided by.
-                    let scale = half::f16::from_f32(scale).to_f32().max(f32::MIN_POSITIVE);
-                    scales.push(half::f16::from_f32(scale));
-                    q.extend(
-                        row.iter()
-                            .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
-                    );
-                }
-                stored.push((name.clone(), Dtype::I8, shape.clone(), q));
-                stored.push((
-                    format!("{name}{SCALE_SUFFIX}"),
-                    Dtype::F16,
-                    vec![shape[0]],
-                    scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-                ));
-            }
-            WeightFormat::F16 | WeightFormat::Int8 => stored.push((
-                name.clone(),
-                Dtype::F16,
-                shape.clone(),
-                values
-                    .iter()
-                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                    .collect(),
-            )),
-        }
+        stored.extend(store(name, shape, values, format)?);
     }
+    to_safetensors(&stored)
+}
+
+/// One tensor in `format`: itself, and for int8 and q4 its `_scale` companion.
+pub fn store(
+    name: &str,
+    shape: &[usize],
+    values: &[f32],
+    format: WeightFormat,
+) -> Result<Vec<StoredTensor>, String> {
+    let (name, shape) = (name.to_string(), shape.to_vec());
+    let mut stored: Vec<StoredTensor> = Vec::new();
+    match format {
+        WeightFormat::F32 => stored.push((
+            name.clone(),
+            Dtype::F32,
+            shape.clone(),
+            values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )),
+        WeightFormat::Int8 if shape.len() == 2 => {
+            let cols = shape[1].max(1);
+            let mut q = Vec::with_capacity(values.len());
+            let mut scales = Vec::with_capacity(shape[0]);
+            for row in values.chunks(cols) {
+                let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                // Round the scale to f16 first, so the stored scale is the one the values were divided by.
+                let scale = half::f16::from_f32(scale).to_f32().max(f32::MIN_POSITIVE);
+                scales.push(half::f16::from_f32(scale));
+                q.extend(
+                    row.iter()
+                        .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+                );
+            }
+            stored.push((name.clone(), Dtype::I8, shape.clone(), q));
+            stored.push((
+                format!("{name}{SCALE_SUFFIX}"),
+                Dtype::F16,
+                vec![shape[0]],
+                scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+        }
+        WeightFormat::Q4 if shape.len() == 2 && quant::packable(shape[1]) => {
+            let packed = quant::Packed::quantize_q4(values, shape[0], shape[1])
+                .ok_or_else(|| format!("{name}: cannot pack {shape:?} in q4"))?;
+            stored.push((
+                name.clone(),
+                Dtype::U32,
+                vec![shape[0], shape[1] / 8],
+                packed.words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            ));
+            stored.push((
+                format!("{name}{SCALE_SUFFIX}"),
+                Dtype::F16,
+                vec![shape[0], shape[1] / quant::BLOCK],
+                packed.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+        }
+        WeightFormat::F16 | WeightFormat::Int8 | WeightFormat::Q4 => stored.push((
+            name.clone(),
+            Dtype::F16,
+            shape.clone(),
+            values
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+        )),
+    }
+    Ok(stored)
+}
+
+/// A safetensors file of `stored` tensors.
+pub fn to_safetensors(stored: &[StoredTensor]) -> Result<Vec<u8>, String> {
     let views: Vec<(String, TensorView<'_>)> = stored
         .iter()
         .map(|(name, dtype, shape, bytes)| {
@@ -273,35 +304,6 @@ fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
     b
 }
 
-/// One file of the web bundle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BundleFile {
-    pub file: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-/// `manifest.json` of the web bundle: what the browser fetches and how to check it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BundleManifest {
-    pub format_version: u32,
-    pub config: String,
-    pub tokenizer: String,
-    /// Weight files by format (`f16`, `int8`).
-    pub weights: Vec<BundleWeights>,
-    pub labels: Vec<String>,
-    pub preprocess: PreprocessConfig,
-    pub files: Vec<BundleFile>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BundleWeights {
-    pub format: WeightFormat,
-    pub file: String,
-}
-
-pub const BUNDLE_MANIFEST: &str = "manifest.json";
-
 /// What [`export`] wrote.
 #[derive(Debug, Clone)]
 pub struct Exported {
@@ -309,16 +311,16 @@ pub struct Exported {
     pub bundle: BundleManifest,
 }
 
-/// Writes `out/hf/` (config.json, model.safetensors in f32, tokenizer.json, tokenizer_config.json) and
-/// `out/web/` (config.json, tokenizer.json, model.f16.safetensors, optionally model.int8.safetensors,
-/// manifest.json). `model` must be merged.
+/// Writes `out/hf/` (config.json, model.safetensors in f32, tokenizer.json, tokenizer_config.json) and the web
+/// bundle in `out/web/` (see [`export_web`], with f16 weights and each of `compact`). `model` must be merged.
 pub fn export(
     model: &Gemma2ForSequenceClassification,
     config: &Gemma2Config,
     tokenizer_json: &Path,
     preprocess: &PreprocessConfig,
     out: &Path,
-    int8: bool,
+    compact: &[WeightFormat],
+    about: Option<BundleAbout>,
 ) -> Result<Exported, ExportError> {
     let tensors = hf_tensors(model)?;
     let tokenizer = std::fs::read(tokenizer_json).map_err(io(tokenizer_json))?;
@@ -344,26 +346,46 @@ pub fn export(
         ("model.safetensors", weights),
     ] {
         write(&hf.join(name), &bytes)?;
-        hf_files.push(entry(name, &bytes));
+        hf_files.push(bundle_file(name, &bytes));
     }
 
-    let web = out.join("web");
-    std::fs::create_dir_all(&web).map_err(io(&web))?;
+    let mut formats = vec![WeightFormat::F16];
+    formats.extend(compact.iter().filter(|f| **f != WeightFormat::F16));
+    let bundle = export_web(
+        &tensors,
+        config,
+        tokenizer,
+        preprocess,
+        &out.join("web"),
+        &formats,
+        about,
+    )?;
+    Ok(Exported { hf_files, bundle })
+}
+
+/// Writes the web bundle to `web`: config.json, tokenizer.json, one weights file per format
+/// ([`WeightFormat::file_name`]), and manifest.json (last, so a bundle with a manifest is whole).
+pub fn export_web(
+    tensors: &[NamedTensor],
+    config: &Gemma2Config,
+    tokenizer: Vec<u8>,
+    preprocess: &PreprocessConfig,
+    web: &Path,
+    formats: &[WeightFormat],
+    about: Option<BundleAbout>,
+) -> Result<BundleManifest, ExportError> {
+    let err = |path: &Path| {
+        let path = path.display().to_string();
+        move |message: String| ExportError::Io { path, message }
+    };
+    std::fs::create_dir_all(web).map_err(io(web))?;
     let mut files = Vec::new();
     let mut weight_files = Vec::new();
-    let mut formats = vec![WeightFormat::F16];
-    if int8 {
-        formats.push(WeightFormat::Int8);
-    }
-    for format in formats {
-        let name = match format {
-            WeightFormat::F32 => "model.f32.safetensors",
-            WeightFormat::F16 => "model.f16.safetensors",
-            WeightFormat::Int8 => "model.int8.safetensors",
-        };
-        let bytes = serialize(&tensors, format).map_err(err(&web))?;
+    for &format in formats {
+        let name = format.file_name();
+        let bytes = serialize(&tensors, format).map_err(err(web))?;
         write(&web.join(name), &bytes)?;
-        files.push(entry(name, &bytes));
+        files.push(bundle_file(name, &bytes));
         weight_files.push(BundleWeights {
             format,
             file: name.into(),
@@ -377,7 +399,7 @@ pub fn export(
         ("tokenizer.json", tokenizer),
     ] {
         write(&web.join(name), &bytes)?;
-        files.push(entry(name, &bytes));
+        files.push(bundle_file(name, &bytes));
     }
     let bundle = BundleManifest {
         format_version: 1,
@@ -387,13 +409,74 @@ pub fn export(
         labels: config.labels.clone(),
         preprocess: *preprocess,
         files,
+        about,
     };
     let manifest = serde_json::to_value(&bundle).unwrap_or_default();
     write(&web.join(BUNDLE_MANIFEST), &json_bytes(&manifest))?;
-    Ok(Exported { hf_files, bundle })
+    Ok(bundle)
 }
 
-fn entry(name: &str, bytes: &[u8]) -> BundleFile {
+/// How far each of `formats` moves P(A) from the f32 `model` on `records` (all labelled), and the accuracy
+/// either way: each format is serialized as the bundle stores it and loaded back as `trainer predict` loads it.
+#[allow(clippy::too_many_arguments)]
+pub fn format_quality(
+    model: &Gemma2ForSequenceClassification,
+    config: &Gemma2Config,
+    formats: &[WeightFormat],
+    tokenizer: &crate::tokenizer::Tokenizer,
+    preprocess: &PreprocessConfig,
+    records: &[crate::data::Record],
+    device: &burn::tensor::Device,
+) -> Result<Vec<FormatQuality>, ExportError> {
+    use crate::predict::{PredictOptions, binary_metrics, predict};
+    let options = PredictOptions {
+        batch_size: 8,
+        swap_tta: false,
+    };
+    let score = |m: &Gemma2ForSequenceClassification| {
+        predict(
+            m,
+            tokenizer,
+            preprocess,
+            records,
+            options,
+            device,
+            &crate::prepare::Silent,
+        )
+        .map_err(|e| ExportError::Read(e.to_string()))
+    };
+    let labels: Vec<_> = records.iter().map(|r| r.label).collect();
+    let accuracy = |p: &[Vec<f32>]| binary_metrics(p, &labels).map_or(f64::NAN, |m| m.accuracy);
+    let reference = score(model)?;
+    let tensors = hf_tensors(model)?;
+    let mut out = Vec::new();
+    for &format in formats {
+        let bytes = serialize(&tensors, format).map_err(ExportError::Read)?;
+        let checkpoint =
+            crate::model::weights::Checkpoint::from_files(vec![(format.file_name().into(), bytes)])
+                .map_err(|e| ExportError::Read(e.to_string()))?;
+        let loaded = crate::model::load::from_checkpoint(config.clone(), &checkpoint, device)
+            .map_err(|e| ExportError::Read(e.to_string()))?;
+        let probs = score(&loaded.model)?;
+        let deltas: Vec<f64> = probs
+            .iter()
+            .zip(&reference)
+            .map(|(p, r)| f64::from((p[0] - r[0]).abs()))
+            .collect();
+        out.push(FormatQuality {
+            format,
+            rows: records.len(),
+            mean_abs_delta_p: deltas.iter().sum::<f64>() / deltas.len().max(1) as f64,
+            max_abs_delta_p: deltas.iter().copied().fold(0.0, f64::max),
+            accuracy: accuracy(&probs),
+            f32_accuracy: accuracy(&reference),
+        });
+    }
+    Ok(out)
+}
+
+/// A file's manifest entry: its name, size and sha256.
+pub fn bundle_file(name: &str, bytes: &[u8]) -> BundleFile {
     BundleFile {
         file: name.into(),
         bytes: bytes.len() as u64,
@@ -415,7 +498,7 @@ pub fn verify_bundle(dir: &Path) -> Result<BundleManifest, ExportError> {
     for f in &manifest.files {
         let p = dir.join(&f.file);
         let data = std::fs::read(&p).map_err(io(&p))?;
-        let actual = entry(&f.file, &data);
+        let actual = bundle_file(&f.file, &data);
         if actual != *f {
             return Err(ExportError::Io {
                 path: p.display().to_string(),

@@ -11,6 +11,7 @@
 //!   [`run_dir`]: a training run's directory, locked by the process that uses it.
 
 pub mod batch;
+pub mod bundle;
 pub mod data;
 pub mod model;
 pub mod plot;

@@ -195,7 +195,7 @@ fn each_detail_matters_and_matches_transformers_without_it() {
         &std::fs::read(tiny_dir().join("config.json")).unwrap(),
     )
     .unwrap();
-    let checkpoint = Checkpoint::open_dir(&tiny_dir()).unwrap();
+    let checkpoint = Checkpoint::open_dir(&tiny_dir(), None).unwrap();
     let rows: Vec<&[u32]> = expected
         .rows
         .iter()

@@ -292,7 +292,11 @@ fn export_reloads_to_the_same_logits_in_every_format() {
         &tokenizer_path(),
         &PreprocessConfig::default(),
         &out,
-        true,
+        &[
+            shared::export::WeightFormat::Int8,
+            shared::export::WeightFormat::Q4,
+        ],
+        None,
     )
     .unwrap();
     let hf = shared::model::load::load_hf_dir(&out.join("hf"), &device).unwrap();
@@ -303,12 +307,13 @@ fn export_reloads_to_the_same_logits_in_every_format() {
 
     let manifest = shared::export::verify_bundle(&out.join("web")).unwrap();
     assert_eq!(manifest, exported.bundle);
-    assert_eq!(manifest.weights.len(), 2);
+    assert_eq!(manifest.weights.len(), 3);
     let web = out.join("web");
     let config_json = std::fs::read(web.join("config.json")).unwrap();
     for (file, tolerance) in [
         ("model.f16.safetensors", 5e-2),
         ("model.int8.safetensors", 0.25),
+        ("model.q4.safetensors", 1.0),
     ] {
         let c = Gemma2Config::from_hf_json("config.json", &config_json).unwrap();
         let ckpt = shared::model::weights::Checkpoint::from_files(vec![(
@@ -520,4 +525,69 @@ fn half_precision_training_on_wgpu() {
     );
     assert!(auto.half(&device), "{}", auto.resolve_precision(&device).1);
     half_precision_trains_like_f32(&device);
+}
+
+#[test]
+fn packed_bundles_stay_packed_on_wgpu_and_equal_the_cpu() {
+    // The browser and `trainer predict --device wgpu` keep int8 and q4 weights packed (the matmul kernel
+    // dequantizes them, the embedding unpacks only the looked-up rows); the CPU widens the same values to f32
+    // once. Same numbers either way: the packing must be read exactly as it was written.
+    let cpu = Device::flex();
+    let model = perturb(config().init(&cpu).with_lora(&lora(8), &cpu).unwrap(), &cpu).merge_lora();
+    let split = rows(3, 48);
+    let out = temp_dir("packed");
+    shared::export::export(
+        &model,
+        &config(),
+        &tokenizer_path(),
+        &PreprocessConfig::default(),
+        &out,
+        &[
+            shared::export::WeightFormat::Int8,
+            shared::export::WeightFormat::Q4,
+        ],
+        None,
+    )
+    .unwrap();
+    let web = out.join("web");
+    let gpu = Device::wgpu(Default::default());
+    for file in ["model.int8.safetensors", "model.q4.safetensors"] {
+        let ckpt = shared::model::weights::Checkpoint::from_files(vec![(
+            file.into(),
+            std::fs::read(web.join(file)).unwrap(),
+        )])
+        .unwrap();
+        let load = |placement: Placement| {
+            shared::model::load::from_checkpoint(config(), &ckpt, placement)
+                .unwrap()
+                .model
+        };
+        let on_cpu = load(Placement::from(&cpu));
+        assert!(!on_cpu.model.layers[0].self_attn.q_proj.quantized);
+        let want = logits(&on_cpu, &split, &cpu);
+        // The table on the GPU, and (a 1 KiB binding limit) in host memory.
+        for limit in [None, Some(1024)] {
+            let packed = load(Placement::new(gpu.clone(), limit));
+            let q = &packed.model.layers[0].self_attn.q_proj;
+            assert!(
+                q.quantized && q.in_kernel,
+                "{file}: projections stay packed"
+            );
+            assert!(matches!(
+                q.base.weight.val().dtype(),
+                burn::tensor::DType::QFloat(_)
+            ));
+            let table = packed.model.packed_embed.as_ref().expect("a packed table");
+            assert_eq!(
+                table.device() == gpu,
+                limit.is_none(),
+                "{file}: table placement"
+            );
+            let d = max_diff(&want, &logits(&packed, &split, &gpu));
+            assert!(
+                d < 1e-4,
+                "{file} (limit {limit:?}): wgpu differs from the CPU by {d}"
+            );
+        }
+    }
 }

@@ -14,6 +14,7 @@ use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use shared::cache::{Manifest, PrepareSettings, write_atomic};
+use shared::export::{BundleAbout, WeightFormat};
 use shared::model::Gemma2Config;
 use shared::model::Gemma2ForSequenceClassification;
 use shared::model::lora::parameter_counts;
@@ -422,11 +423,17 @@ pub fn run_eval(job: EvalJob) -> Result<(PathBuf, shared::report::EvalReport)> {
     Ok((out, report))
 }
 
-/// Merges the run's best adapters and writes `hf/` and `web/` under `out`.
+/// Rows of the test split on which `trainer export` compares each compact format with f32.
+pub const QUALITY_ROWS: usize = 64;
+
+/// Merges the run's best adapters and writes `hf/` and `web/` under `out`, with `compact` weight formats
+/// beside f16. The bundle's manifest says what the model is (base, size, test accuracy) and, for each compact
+/// format, how far it moves P(A) from f32 on the first `quality_rows` rows of the test split.
 pub fn run_export(
     run: &Path,
     out: Option<PathBuf>,
-    int8: bool,
+    compact: &[WeightFormat],
+    quality_rows: usize,
 ) -> Result<(PathBuf, shared::export::Exported)> {
     let device = Device::flex();
     let best = run.join(BEST_DIR).join(ADAPTER_FILE);
@@ -435,13 +442,64 @@ pub fn run_export(
     let manifest = Manifest::read(&info.prepared)?;
     let merged = model.merge_lora();
     let out = out.unwrap_or_else(|| run.join("export"));
+    let test: Option<serde_json::Value> = read_json(&run.join("test_metrics.json")).ok();
+    let quality = if quality_rows > 0 && !compact.is_empty() {
+        // The test rows come back from the prepared data's source; without it there is no comparison to make.
+        let data = PathBuf::from(&manifest.source.path);
+        match shared::prepare::split_records(&data, &manifest.settings, "test") {
+            Ok(mut records) => {
+                records.retain(|r| r.label.is_some());
+                records.truncate(quality_rows);
+                let tokenizer = shared::tokenizer::Tokenizer::from_file(&info.tokenizer)?;
+                shared::export::format_quality(
+                    &merged,
+                    &base_config,
+                    compact,
+                    &tokenizer,
+                    &manifest.settings.preprocess,
+                    &records,
+                    &device,
+                )?
+            }
+            Err(e) => {
+                out!("no format comparison: the test rows cannot be read back ({e})");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let c = &base_config;
+    let about = BundleAbout {
+        base: if info.random_base {
+            "random".into()
+        } else {
+            info.base_model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| info.base_model.display().to_string())
+        },
+        random_base: info.random_base,
+        shape: format!(
+            "hidden {} × {} layers, vocabulary {}",
+            c.hidden_size, c.num_hidden_layers, c.vocab_size
+        ),
+        parameters: merged.num_params() as u64,
+        test_accuracy: test.as_ref().and_then(|t| t["accuracy"].as_f64()),
+        test_rows: test
+            .as_ref()
+            .and_then(|t| t["rows"].as_u64())
+            .map(|r| r as usize),
+        quality,
+    };
     let exported = shared::export::export(
         &merged,
         &base_config,
         &info.tokenizer,
         &manifest.settings.preprocess,
         &out,
-        int8,
+        compact,
+        Some(about),
     )?;
     Ok((out, exported))
 }

@@ -242,6 +242,39 @@ impl Gemma2Config {
         }
     }
 
+    /// Every tensor of a `Gemma2ForSequenceClassification` by Hugging Face key, with its shape in PyTorch's
+    /// `[out, in]` layout, in build order.
+    pub fn hf_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        let mut out = Vec::new();
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("input_layernorm", vec![h]),
+                ("post_attention_layernorm", vec![h]),
+                ("pre_feedforward_layernorm", vec![h]),
+                ("post_feedforward_layernorm", vec![h]),
+                ("self_attn.q_proj", vec![q, h]),
+                ("self_attn.k_proj", vec![kv, h]),
+                ("self_attn.v_proj", vec![kv, h]),
+                ("self_attn.o_proj", vec![h, q]),
+                ("mlp.gate_proj", vec![self.intermediate_size, h]),
+                ("mlp.up_proj", vec![self.intermediate_size, h]),
+                ("mlp.down_proj", vec![h, self.intermediate_size]),
+            ] {
+                out.push((format!("{p}.{name}.weight"), shape));
+            }
+        }
+        out.push(("model.embed_tokens.weight".into(), vec![self.vocab_size, h]));
+        out.push(("model.norm.weight".into(), vec![h]));
+        out.push(("score.weight".into(), vec![self.num_labels(), h]));
+        out
+    }
+
     /// `google/gemma-2-2b`.
     pub fn gemma2_2b() -> Self {
         Self::base(2304, 9216, 26, 8, 4, 256, 256.0)

@@ -274,7 +274,11 @@ impl DecoderLayer {
 /// The transformer body (`model.*` keys).
 #[derive(Module, Debug)]
 pub struct Gemma2Model {
+    /// `[vocab, hidden]`; a `[1, hidden]` placeholder when the table is [`packed`](Self::packed_embed).
     pub embed_tokens: Param<Tensor<2>>,
+    /// The token embedding kept packed (a web bundle's int8 or q4 table), unpacked row by row as it is looked up.
+    #[module(skip)]
+    pub packed_embed: Option<super::quant::PackedEmbedding>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     #[module(skip)]
@@ -304,14 +308,18 @@ impl Gemma2Model {
         let [_, seq] = input_ids.dims();
         let norm = self.norm.weight.val();
         let (device, dtype) = (norm.device(), norm.dtype());
-        let embed = self.embed_tokens.val();
-        let ids = input_ids.to_device(&embed.device());
         // [batch, seq, hidden] in the activation dtype (a host table keeps its own: f32, or f16 as stored), then
         // moved to the compute device when the table lives on the host (a no-op otherwise). The cast comes first so
         // the GPU never receives a dtype it may not support.
-        let x = burn::tensor::module::embedding(embed, ids)
-            .cast(dtype)
-            .to_device(&device);
+        let rows = match &self.packed_embed {
+            Some(table) => table.lookup(input_ids.to_device(&table.device())),
+            None => {
+                let embed = self.embed_tokens.val();
+                let ids = input_ids.to_device(&embed.device());
+                burn::tensor::module::embedding(embed, ids)
+            }
+        };
+        let x = rows.cast(dtype).to_device(&device);
         // **Embedding scale**: times sqrt(hidden); a scalar takes the tensor's dtype, so in bf16 the factor is
         // rounded to bf16 first, as transformers does.
         let x = x.mul_scalar((self.hidden_size as f64).sqrt());
@@ -414,13 +422,19 @@ impl Gemma2ForSequenceClassification {
 
     /// Rows of the token embedding: every input id must be below it.
     pub fn vocab_size(&self) -> usize {
-        self.model.embed_tokens.val().dims()[0]
+        match &self.model.packed_embed {
+            Some(table) => table.vocab_size(),
+            None => self.model.embed_tokens.val().dims()[0],
+        }
     }
 
     /// The device the token embedding lives on: the compute device, or the host when the table is larger than
     /// one GPU binding (see [`super::placement`]).
     pub fn embedding_device(&self) -> Device {
-        self.model.embed_tokens.device()
+        match &self.model.packed_embed {
+            Some(table) => table.device(),
+            None => self.model.embed_tokens.device(),
+        }
     }
 }
 
@@ -453,6 +467,16 @@ pub trait ParamSource {
     fn norm(&mut self, key: &str, n: usize) -> Result<Tensor<1>, Self::Error>;
     /// A bias-free Linear from `key`'s `[d_out, d_in]` weight.
     fn linear(&mut self, key: &str, d_in: usize, d_out: usize) -> Result<Linear, Self::Error>;
+    /// The token embedding kept packed, where the source has it so and wants it kept (see
+    /// [`super::quant::PackedEmbedding`]); `None` to take [`embedding`](Self::embedding) instead.
+    fn packed_embedding(
+        &mut self,
+        _key: &str,
+        _vocab: usize,
+        _hidden: usize,
+    ) -> Result<Option<super::quant::PackedEmbedding>, Self::Error> {
+        Ok(None)
+    }
     /// The `[vocab, hidden]` embedding table.
     fn embedding(
         &mut self,
@@ -603,13 +627,16 @@ impl Gemma2Config {
                 sliding_window: (*t == LayerType::SlidingAttention).then_some(self.sliding_window),
             });
         }
+        let embed_key = "model.embed_tokens.weight";
+        let packed_embed = source.packed_embedding(embed_key, self.vocab_size, hidden)?;
+        let embed_tokens = match &packed_embed {
+            Some(table) => Tensor::zeros([1, hidden], &table.device()),
+            None => source.embedding(embed_key, self.vocab_size, hidden)?,
+        };
         Ok(Gemma2ForSequenceClassification {
             model: Gemma2Model {
-                embed_tokens: Param::from_tensor(source.embedding(
-                    "model.embed_tokens.weight",
-                    self.vocab_size,
-                    hidden,
-                )?),
+                embed_tokens: Param::from_tensor(embed_tokens),
+                packed_embed,
                 layers,
                 norm: RmsNorm::new(source.norm("model.norm.weight", hidden)?, eps),
                 hidden_size: hidden,
@@ -842,6 +869,10 @@ struct CastFloats(FloatDType);
 impl burn::module::ModuleMapper for CastFloats {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let dtype = self.0;
+        // A packed weight stays packed: the quantized matmul produces the activation dtype.
+        if matches!(param.val().dtype(), burn::tensor::DType::QFloat(_)) {
+            return param;
+        }
         param.map(move |t| {
             // On an autodiff device a cast is an operation: its result is a node of the graph (its gradient would
             // flow back to the f32 original), not a parameter, and it cannot be made trainable again. Detached,

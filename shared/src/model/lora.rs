@@ -177,17 +177,26 @@ pub struct Projection {
     /// `[d_in, d_out]`.
     pub base: Linear,
     pub lora: Option<LoraAdapter>,
-    /// The base weight is stored quantized ([`Projection::quantize_base`]).
+    /// The base weight is stored quantized ([`Projection::quantize_base`], or loaded packed from a web bundle).
     #[module(skip)]
     pub quantized: bool,
+    /// The product takes the quantized weight as it is and the matmul kernel dequantizes it (burn's quantized
+    /// matmul on a GPU): the f32 weight never exists. Off for training (the autodiff graph gets a plain matmul)
+    /// and on the CPU backend, whose quantized matmul does not compute the plain product (it was 4e-2 off in a
+    /// probe, where wgpu's matched exactly).
+    #[module(skip)]
+    pub in_kernel: bool,
 }
 
 impl Projection {
+    /// A projection without adapter; quantized if `base`'s weight is.
     pub fn plain(base: Linear) -> Self {
+        let quantized = matches!(base.weight.val().dtype(), burn::tensor::DType::QFloat(_));
         Self {
             base,
             lora: None,
-            quantized: false,
+            quantized,
+            in_kernel: false,
         }
     }
 
@@ -195,6 +204,7 @@ impl Projection {
     /// `x`: `[batch, seq, d_in]` → `[batch, seq, d_out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let base = match self.quantized {
+            true if self.in_kernel => x.clone().matmul(self.base.weight.val().unsqueeze()),
             // **QLoRA-style base**: stored in int8, dequantized for the product.
             true => {
                 let w = self.weight().cast(x.dtype());
@@ -226,6 +236,11 @@ impl Projection {
             .set_require_grad(false);
         self.quantized = true;
         self
+    }
+
+    /// Whether the base weight's `[d_in, d_out]` is packed for the GPU (see [`Projection::in_kernel`]).
+    pub fn set_in_kernel(&mut self, on: bool) {
+        self.in_kernel = on && self.quantized;
     }
 
     /// `[d_in, d_out]` of the weight.
@@ -289,6 +304,8 @@ impl Gemma2ForSequenceClassification {
     pub fn with_lora(self, config: &LoraConfig, device: &Device) -> Result<Self, LoraError> {
         config.validate(self.model.layers.len())?;
         let mut model = self.no_grad();
+        // Gradients flow through plain matmuls only.
+        model.set_in_kernel_dequantization(false);
         for i in 0..model.model.layers.len() {
             if !config.covers(i) {
                 continue;
@@ -305,6 +322,15 @@ impl Gemma2ForSequenceClassification {
         let weight = model.score.weight.val();
         model.score.weight = trainable("score.weight", weight);
         Ok(model)
+    }
+
+    /// Whether packed projection weights are dequantized inside the matmul kernel (see [`Projection::in_kernel`]).
+    pub fn set_in_kernel_dequantization(&mut self, on: bool) {
+        for i in 0..self.model.layers.len() {
+            for (_, proj) in projections_mut(self, i) {
+                proj.set_in_kernel(on);
+            }
+        }
     }
 
     /// Quantizes every projection's frozen base weight to int8 (symmetric, one scale per tensor): QLoRA-style

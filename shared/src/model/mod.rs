@@ -6,6 +6,7 @@ pub mod gemma2;
 pub mod load;
 pub mod lora;
 pub mod placement;
+pub mod quant;
 pub mod weights;
 
 pub use config::{Gemma2Config, LayerType};

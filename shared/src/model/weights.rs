@@ -1,6 +1,7 @@
 //! Reading Hugging Face safetensors checkpoints: one `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`; f32, bf16 or f16 (converted to f32 on the way in), or int8 with a per-row
-//! scale (the web bundle's compact form: `key` holds i8 values and `key_scale` one f16 or f32 scale per row).
+//! `model.safetensors.index.json`; f32, bf16 or f16 (converted to f32 on the way in), or the web bundle's packed
+//! forms (see [`super::quant`]): int8 with a per-row scale (`key` holds i8 values and `key_scale` one f16 or f32
+//! scale per row) and q4 (`key` holds u32 words of eight 4-bit values, `key_scale` one f16 per block of 32).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,12 @@ pub enum WeightsError {
     Safetensors { file: String, message: String },
     #[error("{file}: not a valid index: {message}")]
     Index { file: String, message: String },
+    #[error("{file}: the bundle has no {format} weights (it has {listed})")]
+    NoFormat {
+        file: String,
+        format: String,
+        listed: String,
+    },
     #[error("{dir}: no model.safetensors and no model.safetensors.index.json")]
     NoWeights { dir: String },
     #[error("checkpoint is missing tensor {key:?} (expected shape {expected:?})")]
@@ -36,7 +43,7 @@ pub enum WeightsError {
         value: f32,
     },
     #[error(
-        "{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16, F16 or I8 with a _scale"
+        "{file}: tensor {key:?} has dtype {dtype}, expected F32, BF16, F16, or I8 or U32 (q4) with a _scale"
     )]
     Dtype {
         file: String,
@@ -123,43 +130,196 @@ impl Shard {
                     "header length {header_len} runs past the file's end"
                 ))
             })? as usize;
-        let mut header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..data_start])
-                .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        header.remove("__metadata__");
         let data_len = (bytes.len() - data_start) as u64;
-        let mut tensors = BTreeMap::new();
-        for (name, value) in header {
-            let entry: Entry =
-                serde_json::from_value(value).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
-            let [start, end] = entry.data_offsets;
-            if start > end || end > data_len {
-                return Err(bad(format!(
-                    "tensor {name:?}: data {start}..{end} is outside the {data_len}-byte data section"
-                )));
-            }
-            if let Some(size) = dtype_bytes(entry.dtype) {
-                let want = entry
-                    .shape
-                    .iter()
-                    .try_fold(size, |n, &d| n.checked_mul(d as u64));
-                if want != Some(end - start) {
-                    return Err(bad(format!(
-                        "tensor {name:?}: {} bytes for shape {:?} of {:?}",
-                        end - start,
-                        entry.shape,
-                        entry.dtype
-                    )));
-                }
-            }
-            tensors.insert(name, entry);
-        }
+        let tensors = parse_header(&file, &bytes[8..data_start], Some(data_len))?;
         Ok(Self {
             file,
             bytes,
             tensors,
             data_start,
         })
+    }
+}
+
+/// The tensor entries of a safetensors JSON header, each checked: its byte count matches its shape and dtype, and
+/// (when the data section's length is known) it lies inside the data section.
+fn parse_header(
+    file: &str,
+    header: &[u8],
+    data_len: Option<u64>,
+) -> Result<BTreeMap<String, Entry>, WeightsError> {
+    let bad = |message: String| WeightsError::Safetensors {
+        file: file.into(),
+        message,
+    };
+    let mut values: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    values.remove("__metadata__");
+    let mut tensors = BTreeMap::new();
+    for (name, value) in values {
+        let entry: Entry =
+            serde_json::from_value(value).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+        let [start, end] = entry.data_offsets;
+        if start > end || data_len.is_some_and(|len| end > len) {
+            return Err(bad(format!(
+                "tensor {name:?}: data {start}..{end} is outside the {}-byte data section",
+                data_len.unwrap_or(0)
+            )));
+        }
+        if let Some(size) = dtype_bytes(entry.dtype) {
+            let want = entry
+                .shape
+                .iter()
+                .try_fold(size, |n, &d| n.checked_mul(d as u64));
+            if want != Some(end - start) {
+                return Err(bad(format!(
+                    "tensor {name:?}: {} bytes for shape {:?} of {:?}",
+                    end - start,
+                    entry.shape,
+                    entry.dtype
+                )));
+            }
+        }
+        tensors.insert(name, entry);
+    }
+    Ok(tensors)
+}
+
+/// A tensor as a safetensors file stores it: the input of [`super::load::Loader`].
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub key: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// A safetensors header larger than this is taken for damage (gemma-2-2b's packed header is about 40 KB).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Reads a safetensors file as it arrives, chunk by chunk, and hands out each tensor as soon as its last byte is
+/// in: a download never has to be held whole. Tensors come out in the order of their data.
+pub struct StreamReader {
+    file: String,
+    /// Bytes before the data section (length and header) while it is incomplete.
+    head: Vec<u8>,
+    header_read: bool,
+    /// The tensors in data order, once the header is read, and the next one to fill.
+    entries: Vec<(String, Entry)>,
+    next: usize,
+    /// Bytes of the data section consumed so far.
+    pos: u64,
+    /// The tensor being filled.
+    current: Vec<u8>,
+}
+
+impl StreamReader {
+    pub fn new(file: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            head: Vec::new(),
+            header_read: false,
+            entries: Vec::new(),
+            next: 0,
+            pos: 0,
+            current: Vec::new(),
+        }
+    }
+
+    fn bad(&self, message: String) -> WeightsError {
+        WeightsError::Safetensors {
+            file: self.file.clone(),
+            message,
+        }
+    }
+
+    /// Takes the next chunk of the file; returns the tensors it completed.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<RawTensor>, WeightsError> {
+        if self.header_read {
+            return self.push_data(chunk);
+        }
+        // Still in the length or the header.
+        self.head.extend_from_slice(chunk);
+        let Some(len) = self.head.get(..8) else {
+            return Ok(Vec::new());
+        };
+        let header_len = u64::from_le_bytes(len.try_into().unwrap_or([0; 8]));
+        if header_len > MAX_HEADER_BYTES {
+            return Err(self.bad(format!("header length {header_len} is not plausible")));
+        }
+        let data_start = 8 + header_len as usize;
+        if self.head.len() < data_start {
+            return Ok(Vec::new());
+        }
+        let tensors = parse_header(&self.file, &self.head[8..data_start], None)?;
+        let mut entries: Vec<(String, Entry)> = tensors.into_iter().collect();
+        entries.sort_by_key(|(_, e)| e.data_offsets);
+        for pair in entries.windows(2) {
+            if pair[1].1.data_offsets[0] < pair[0].1.data_offsets[1] {
+                return Err(self.bad(format!(
+                    "tensors {:?} and {:?} overlap",
+                    pair[0].0, pair[1].0
+                )));
+            }
+        }
+        self.entries = entries;
+        self.header_read = true;
+        let rest = std::mem::take(&mut self.head).split_off(data_start);
+        self.push_data(&rest)
+    }
+
+    fn push_data(&mut self, mut chunk: &[u8]) -> Result<Vec<RawTensor>, WeightsError> {
+        let mut done = Vec::new();
+        while !chunk.is_empty() {
+            let Some((name, entry)) = self.entries.get(self.next) else {
+                // Bytes after the last tensor: ignored, as a whole-file reader would.
+                self.pos += chunk.len() as u64;
+                break;
+            };
+            let [start, end] = entry.data_offsets;
+            if self.pos < start {
+                // A gap before this tensor.
+                let skip = (start - self.pos).min(chunk.len() as u64) as usize;
+                self.pos += skip as u64;
+                chunk = &chunk[skip..];
+                continue;
+            }
+            if self.current.capacity() == 0 {
+                self.current = Vec::with_capacity((end - start) as usize);
+            }
+            let take = (end - self.pos).min(chunk.len() as u64) as usize;
+            self.current.extend_from_slice(&chunk[..take]);
+            self.pos += take as u64;
+            chunk = &chunk[take..];
+            if self.pos == end {
+                done.push(RawTensor {
+                    key: name.clone(),
+                    dtype: entry.dtype,
+                    shape: entry.shape.clone(),
+                    bytes: std::mem::take(&mut self.current),
+                });
+                self.next += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Checks that the file held every tensor its header lists.
+    pub fn finish(self) -> Result<(), WeightsError> {
+        if !self.header_read {
+            return Err(self.bad(if self.head.len() < 8 {
+                "shorter than its 8-byte header length".into()
+            } else {
+                "ends inside its header".into()
+            }));
+        }
+        match self.entries.get(self.next) {
+            Some((name, entry)) => Err(self.bad(format!(
+                "ends at data byte {} inside tensor {name:?} ({}..{})",
+                self.pos, entry.data_offsets[0], entry.data_offsets[1]
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -182,10 +342,10 @@ struct Index {
 }
 
 impl Checkpoint {
-    /// Reads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`, or the weights
-    /// a web bundle's `manifest.json` names first.
+    /// Reads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`, or a web
+    /// bundle's weights: those in `format` (`f16`, `int8`, `q4`), or the first its `manifest.json` lists.
     #[cfg(feature = "native")]
-    pub fn open_dir(dir: &std::path::Path) -> Result<Self, WeightsError> {
+    pub fn open_dir(dir: &std::path::Path, format: Option<&str>) -> Result<Self, WeightsError> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| WeightsError::Io {
                 file: p.display().to_string(),
@@ -197,26 +357,43 @@ impl Checkpoint {
             return Self::from_files(vec![(single.display().to_string(), read(&single)?)]);
         }
         let index_path = dir.join("model.safetensors.index.json");
-        // A web bundle (`trainer export`'s web/): the first weight file its manifest lists.
-        let manifest = dir.join("manifest.json");
+        // A web bundle (`trainer export`'s web/): the weights in `format`, or the first its manifest lists.
+        let manifest = dir.join(crate::bundle::BUNDLE_MANIFEST);
         if !index_path.is_file() && manifest.is_file() {
-            #[derive(serde::Deserialize)]
-            struct Weights {
-                file: String,
-            }
-            #[derive(serde::Deserialize)]
-            struct Bundle {
-                weights: Vec<Weights>,
-            }
-            let bundle: Bundle =
-                serde_json::from_slice(&read(&manifest)?).map_err(|e| WeightsError::Index {
+            let bundle: crate::bundle::BundleManifest = serde_json::from_slice(&read(&manifest)?)
+                .map_err(|e| WeightsError::Index {
+                file: manifest.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let listed = || {
+                let names: Vec<&str> = bundle.weights.iter().map(|w| w.format.name()).collect();
+                names.join(", ")
+            };
+            let picked = match format {
+                Some(f) => bundle
+                    .weights
+                    .iter()
+                    .find(|w| w.format.name() == f)
+                    .ok_or_else(|| WeightsError::NoFormat {
+                        file: manifest.display().to_string(),
+                        format: f.into(),
+                        listed: listed(),
+                    })?,
+                None => bundle.weights.first().ok_or_else(|| WeightsError::Index {
                     file: manifest.display().to_string(),
-                    message: e.to_string(),
-                })?;
-            if let Some(w) = bundle.weights.first() {
-                let p = dir.join(&w.file);
-                return Self::from_files(vec![(p.display().to_string(), read(&p)?)]);
-            }
+                    message: "lists no weights".into(),
+                })?,
+            };
+            let p = dir.join(&picked.file);
+            return Self::from_files(vec![(p.display().to_string(), read(&p)?)]);
+        }
+        if format.is_some() {
+            return Err(WeightsError::NoWeights {
+                dir: format!(
+                    "{} (a weight format is chosen only in a web bundle, which has a manifest.json)",
+                    dir.display()
+                ),
+            });
         }
         if !index_path.is_file() {
             return Err(WeightsError::NoWeights {
@@ -260,6 +437,21 @@ impl Checkpoint {
         Ok(Self { shards, keys })
     }
 
+    /// Every tensor, copied out, in key order.
+    pub fn raw_tensors(&self) -> impl Iterator<Item = RawTensor> + '_ {
+        self.shards.iter().flat_map(|shard| {
+            shard.tensors.iter().map(|(key, entry)| {
+                let [start, end] = entry.data_offsets.map(|o| shard.data_start + o as usize);
+                RawTensor {
+                    key: key.clone(),
+                    dtype: entry.dtype,
+                    shape: entry.shape.clone(),
+                    bytes: shard.bytes[start..end].to_vec(),
+                }
+            })
+        })
+    }
+
     /// Tensor names; an int8 tensor's `_scale` companion is part of it, not a key of its own.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.keys.keys().map(String::as_str).filter(|k| {
@@ -272,74 +464,37 @@ impl Checkpoint {
         self.keys.contains_key(key)
     }
 
-    /// The tensor `key` as f32 values, checked against `expected` shape.
+    /// The tensor `key` as f32 values (packed ones times their scales), checked against `expected` shape.
     pub fn f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         let (file, view) = self.view(key, expected)?;
-        let data = view.data;
-        Ok(match view.dtype {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::I8 if !expected.is_empty() => {
-                let rows = expected[0];
-                let scale = self.f32(&format!("{key}{SCALE_SUFFIX}"), &[rows])?;
-                let per_row = data.len() / rows.max(1);
-                data.iter()
-                    .enumerate()
-                    .map(|(i, &b)| f32::from(b as i8) * scale[i / per_row.max(1)])
-                    .collect()
-            }
-            other => {
-                return Err(WeightsError::Dtype {
-                    file: file.into(),
-                    key: key.into(),
-                    dtype: format!("{other:?}"),
-                });
-            }
+        let values = RawTensor {
+            key: key.into(),
+            dtype: view.dtype,
+            shape: expected.to_vec(),
+            bytes: view.data.to_vec(),
+        };
+        let scale = self.raw(&format!("{key}{SCALE_SUFFIX}"));
+        super::load::decode(key, &values, scale.as_ref(), expected).map_err(|e| match e {
+            WeightsError::Dtype { key, dtype, .. } => WeightsError::Dtype {
+                file: file.into(),
+                key,
+                dtype,
+            },
+            other => other,
         })
     }
 
-    /// The tensor `key` as f16 values when it is stored in f16 (exact) or int8 (dequantized, then rounded to f16:
-    /// a 2^-11 relative step under int8's 2^-8), checked against `expected` shape; `None` for f32 or bf16. Half
-    /// the memory of [`f32`](Self::f32), for tables kept in host memory.
-    pub fn compact_f16(
-        &self,
-        key: &str,
-        expected: &[usize],
-    ) -> Result<Option<Vec<half::f16>>, WeightsError> {
-        let (_, view) = self.view(key, expected)?;
-        match view.dtype {
-            Dtype::F16 => Ok(Some(
-                view.data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            )),
-            Dtype::I8 if !expected.is_empty() => {
-                let rows = expected[0];
-                let scale = self.f32(&format!("{key}{SCALE_SUFFIX}"), &[rows])?;
-                let per_row = view.data.len() / rows.max(1);
-                Ok(Some(
-                    view.data
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &b)| {
-                            half::f16::from_f32(f32::from(b as i8) * scale[i / per_row.max(1)])
-                        })
-                        .collect(),
-                ))
-            }
-            _ => Ok(None),
-        }
+    /// The tensor `key` as stored, if there is one.
+    pub fn raw(&self, key: &str) -> Option<RawTensor> {
+        let shard = &self.shards[*self.keys.get(key)?];
+        let entry = shard.tensors.get(key)?;
+        let [start, end] = entry.data_offsets.map(|o| shard.data_start + o as usize);
+        Some(RawTensor {
+            key: key.into(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            bytes: shard.bytes[start..end].to_vec(),
+        })
     }
 
     /// The file holding `key` and the tensor, checked against `expected` shape.
@@ -357,7 +512,12 @@ impl Checkpoint {
                 expected: expected.to_vec(),
             });
         };
-        if entry.shape != expected {
+        // q4 words hold eight values each: `[rows, cols]` is stored as `[rows, cols / 8]`.
+        let stored: Vec<usize> = match (entry.dtype, expected) {
+            (Dtype::U32, &[rows, cols]) if cols.is_multiple_of(8) => vec![rows, cols / 8],
+            _ => expected.to_vec(),
+        };
+        if entry.shape != stored {
             return Err(WeightsError::Shape {
                 key: key.into(),
                 expected: expected.to_vec(),
@@ -380,11 +540,6 @@ impl Checkpoint {
 mod tests {
     use super::*;
     use crate::export::{WeightFormat, serialize};
-
-    fn table() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) * 0.037).collect();
-        vec![("t".into(), vec![4, 6], values)]
-    }
 
     /// A safetensors file from a header (JSON) and a data section.
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
@@ -432,35 +587,56 @@ mod tests {
     }
 
     #[test]
-    fn compact_f16_is_exact_for_f16_and_close_for_int8_and_absent_for_f32() {
-        let tensors = table();
-        let read = |format| {
-            let bytes = serialize(&tensors, format).unwrap();
-            let ck = Checkpoint::from_files(vec![("m.safetensors".into(), bytes)]).unwrap();
+    fn a_file_read_in_chunks_gives_every_tensor_whole_and_a_cut_file_is_named() {
+        let tensors = vec![
             (
-                ck.f32("t", &[4, 6]).unwrap(),
-                ck.compact_f16("t", &[4, 6]).unwrap(),
-            )
-        };
-        let (_, none) = read(WeightFormat::F32);
-        assert!(none.is_none(), "f32 stays f32");
-        let (wide, half) = read(WeightFormat::F16);
-        let half = half.expect("f16 is kept");
-        assert!(wide.iter().zip(&half).all(|(w, h)| *w == h.to_f32()));
-        let (wide, half) = read(WeightFormat::Int8);
-        let half = half.expect("int8 becomes f16");
-        for (w, h) in wide.iter().zip(&half) {
+                "a".to_string(),
+                vec![4, 64],
+                (0..256).map(|i| i as f32 * 0.01).collect(),
+            ),
+            ("b".to_string(), vec![3], vec![1.0, 2.0, 3.0]),
+            (
+                "c".to_string(),
+                vec![2, 32],
+                (0..64).map(|i| -(i as f32)).collect(),
+            ),
+        ];
+        for format in [WeightFormat::F16, WeightFormat::Int8, WeightFormat::Q4] {
+            let bytes = serialize(&tensors, format).unwrap();
+            let whole: Vec<RawTensor> = open(bytes.clone()).unwrap().raw_tensors().collect();
+            // Chunks of 1, 7 and 1000 bytes: a chunk may end inside the length, the header or a tensor.
+            for size in [1, 7, 1000] {
+                let mut reader = StreamReader::new("m.safetensors");
+                let mut got = Vec::new();
+                for chunk in bytes.chunks(size) {
+                    got.extend(reader.push(chunk).unwrap());
+                }
+                reader.finish().unwrap();
+                got.sort_by(|a, b| a.key.cmp(&b.key));
+                assert_eq!(got.len(), whole.len(), "{format:?}");
+                for (g, w) in got.iter().zip(&whole) {
+                    assert_eq!(
+                        (&g.key, g.dtype, &g.shape, &g.bytes),
+                        (&w.key, w.dtype, &w.shape, &w.bytes)
+                    );
+                }
+            }
+            let mut cut = StreamReader::new("m.safetensors");
+            cut.push(&bytes[..bytes.len() - 3]).unwrap();
+            let e = cut.finish().unwrap_err().to_string();
             assert!(
-                (w - h.to_f32()).abs() <= w.abs() * 1e-3 + 1e-6,
-                "{w} vs {h}"
+                e.contains("m.safetensors") && e.contains("inside tensor"),
+                "{e}"
             );
         }
-        // The shape is still checked.
-        let bytes = serialize(&tensors, WeightFormat::F16).unwrap();
-        let ck = Checkpoint::from_files(vec![("m.safetensors".into(), bytes)]).unwrap();
-        assert!(matches!(
-            ck.compact_f16("t", &[6, 4]),
-            Err(WeightsError::Shape { .. })
-        ));
+        let mut empty = StreamReader::new("m.safetensors");
+        empty.push(&[1, 0]).unwrap();
+        assert!(
+            empty
+                .finish()
+                .unwrap_err()
+                .to_string()
+                .contains("8-byte header length")
+        );
     }
 }
