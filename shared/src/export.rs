@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::tensor::{FloatDType, Tensor};
-use safetensors::{Dtype, tensor::TensorView};
+use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 
 pub use crate::bundle::{
@@ -39,20 +39,7 @@ pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
 /// Serializes f32 tensors as a safetensors file.
 pub fn safetensors_f32(tensors: &[NamedTensor]) -> Result<Vec<u8>, String> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    serialize(tensors, WeightFormat::F32)
 }
 
 /// A tensor's shape and its values as f32.
@@ -127,7 +114,7 @@ pub fn serialize(tensors: &[NamedTensor], format: WeightFormat) -> Result<Vec<u8
     to_safetensors(&stored)
 }
 
-/// One tensor in `format`: itself, and for int8 and q4 its `_scale` companion.
+/// One tensor in `format`: itself, and for int8 and q4 its `_scale` companion (first).
 pub fn store(
     name: &str,
     shape: &[usize],
@@ -158,28 +145,28 @@ pub fn store(
                         .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
                 );
             }
-            stored.push((name.clone(), Dtype::I8, shape.clone(), q));
             stored.push((
                 format!("{name}{SCALE_SUFFIX}"),
                 Dtype::F16,
                 vec![shape[0]],
                 scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
             ));
+            stored.push((name.clone(), Dtype::I8, shape.clone(), q));
         }
         WeightFormat::Q4 if shape.len() == 2 && quant::packable(shape[1]) => {
             let packed = quant::Packed::quantize_q4(values, shape[0], shape[1])
                 .ok_or_else(|| format!("{name}: cannot pack {shape:?} in q4"))?;
             stored.push((
-                name.clone(),
-                Dtype::U32,
-                vec![shape[0], shape[1] / 8],
-                packed.words.iter().flat_map(|w| w.to_le_bytes()).collect(),
-            ));
-            stored.push((
                 format!("{name}{SCALE_SUFFIX}"),
                 Dtype::F16,
                 vec![shape[0], shape[1] / quant::BLOCK],
                 packed.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+            stored.push((
+                name.clone(),
+                Dtype::U32,
+                vec![shape[0], shape[1] / 8],
+                packed.words,
             ));
         }
         WeightFormat::F16 | WeightFormat::Int8 | WeightFormat::Q4 => stored.push((
@@ -195,17 +182,30 @@ pub fn store(
     Ok(stored)
 }
 
-/// A safetensors file of `stored` tensors.
+/// A safetensors file of `stored` tensors, their data in the given order (the `safetensors` crate would sort
+/// them by alignment, which puts every q4 word before every scale): a packed tensor's scale comes right before
+/// its values, so a reader of a download can convert each tensor as it completes.
 pub fn to_safetensors(stored: &[StoredTensor]) -> Result<Vec<u8>, String> {
-    let views: Vec<(String, TensorView<'_>)> = stored
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in stored {
+        let dtype = serde_json::to_value(dtype).map_err(|e| e.to_string())?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data section starts 8-byte aligned, as the reference writer pads it.
+    json.resize((json.len() + 8).next_multiple_of(8) - 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, _, bytes) in stored {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
 }
 
 /// A `config.json` for `Gemma2ForSequenceClassification` that transformers 4.42+ and 5.x read, and
