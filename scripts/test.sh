@@ -16,6 +16,17 @@ echo "== the demo bundle and its native predictions, for the wasm and browser ch
 mkdir -p target/test-demo
 ./target/debug/trainer predict --device cpu --model runs/demo/export/web \
   --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv
+for weights in int8 q4; do
+  ./target/debug/trainer predict --device cpu --model runs/demo/export/web --weights $weights \
+    --data data/arena-sample.parquet --limit 1 --out target/test-demo/native-$weights-1.csv
+done
+
+echo "== a gemma-2-2b-wide q4 bundle (hidden 2304, 256k vocabulary, 4 of its 26 layers) and its native prediction"
+# bench/browser_max_bundle.sh runs the full 26 layers; that takes longer than CI has.
+large=target/test-bundles/h2304-l4
+[ -f $large/web/manifest.json ] || FORMATS=q4 ./target/debug/examples/make_bundle $large 2304 4 > $large.json
+./target/debug/trainer predict --device cpu --model $large/web --weights q4 \
+  --data web/browser-tests/short-pair.csv --out $large-native.csv
 
 echo "== wasm32: build and check against the recipe fixture and the native model in Node"
 cargo build -p web --target wasm32-unknown-unknown --profile wasm-release

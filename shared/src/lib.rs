@@ -15,7 +15,9 @@ pub mod bundle;
 pub mod data;
 pub mod model;
 pub mod plot;
+pub mod predict;
 pub mod preprocess;
+pub mod progress;
 pub mod split;
 pub mod tokenizer;
 pub mod truncate;
@@ -24,8 +26,6 @@ pub mod truncate;
 pub mod cache;
 #[cfg(feature = "native")]
 pub mod export;
-#[cfg(feature = "native")]
-pub mod predict;
 #[cfg(feature = "native")]
 pub mod prepare;
 #[cfg(feature = "native")]

@@ -1,6 +1,9 @@
 //! Scoring comparisons with a classifier: preprocessing exactly as `prepare` does, length-sorted batches,
-//! optional swap test-time augmentation, and the metrics of labelled data.
+//! optional swap test-time augmentation, the metrics of labelled data and the Kaggle CSV. One path for
+//! `trainer predict` and the browser: the browser computes each batch asynchronously (it cannot block on the GPU)
+//! and uses [`encode`], [`batches`], [`swap_average`] and [`predictions_csv`] around its own forward pass.
 
+#[cfg(feature = "native")]
 use rayon::prelude::*;
 
 use burn::tensor::Device;
@@ -9,8 +12,8 @@ use burn::tensor::activation::softmax;
 use crate::batch::collate;
 use crate::data::{Label, Record};
 use crate::model::Gemma2ForSequenceClassification;
-use crate::prepare::Progress;
 use crate::preprocess::{Example, PreprocessConfig, preprocess_record};
+use crate::progress::Progress;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,46 +89,15 @@ pub fn predict_both(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<(Probs, Option<Probs>), PredictError> {
-    let encode = |swap: bool| -> Result<Vec<Example>, PredictError> {
-        records
-            .par_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                preprocess_record(tokenizer, config, r, swap).map_err(|source| {
-                    PredictError::Tokenize {
-                        row: i + 1,
-                        id: r.id.clone(),
-                        source,
-                    }
-                })
-            })
-            .collect()
-    };
     let vocab = model.vocab_size();
-    // A token id past the table would index out of bounds inside the backend: name the row instead.
-    let checked = |examples: Vec<Example>| -> Result<Vec<Example>, PredictError> {
-        for (i, e) in examples.iter().enumerate() {
-            if let Some(&token) = e.input_ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(PredictError::OutOfVocabulary {
-                    row: i + 1,
-                    id: records[i].id.clone(),
-                    token,
-                    vocab,
-                });
-            }
-        }
-        Ok(examples)
-    };
-    let scored = |probs: Result<Probs, (usize, Vec<f32>)>| -> Result<Probs, PredictError> {
-        probs.map_err(|(i, probs)| PredictError::NonFinite {
-            row: i + 1,
-            id: records[i].id.clone(),
-            probs,
-        })
+    let encode = |swap: bool| encode(tokenizer, config, records, swap, vocab);
+    let scored = |probs: Probs| -> Result<Probs, PredictError> {
+        check_finite(records, &probs)?;
+        Ok(probs)
     };
     let passes = if options.swap_tta { 2 } else { 1 };
     progress.start("scoring", (records.len() * passes) as u64);
-    let straight = checked(encode(false)?)?;
+    let straight = encode(false)?;
     let straight = scored(score(
         model,
         &straight,
@@ -134,7 +106,7 @@ pub fn predict_both(
         progress,
     )?)?;
     let swapped = if options.swap_tta {
-        let examples = checked(encode(true)?)?;
+        let examples = encode(true)?;
         Some(scored(score(
             model,
             &examples,
@@ -147,6 +119,67 @@ pub fn predict_both(
     };
     progress.finish();
     Ok((straight, swapped))
+}
+
+/// Model inputs of every record (with `swap`, the responses exchanged), checked against the model's vocabulary:
+/// a token id past the table would index out of bounds inside the backend, so the row is named instead. Rows are
+/// preprocessed on every core natively.
+pub fn encode(
+    tokenizer: &Tokenizer,
+    config: &PreprocessConfig,
+    records: &[Record],
+    swap: bool,
+    vocab: usize,
+) -> Result<Vec<Example>, PredictError> {
+    let one = |(i, r): (usize, &Record)| {
+        let e = preprocess_record(tokenizer, config, r, swap).map_err(|source| {
+            PredictError::Tokenize {
+                row: i + 1,
+                id: r.id.clone(),
+                source,
+            }
+        })?;
+        match e.input_ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(&token) => Err(PredictError::OutOfVocabulary {
+                row: i + 1,
+                id: r.id.clone(),
+                token,
+                vocab,
+            }),
+            None => Ok(e),
+        }
+    };
+    // Every row, then the first error in row order (a parallel collect would return any of them).
+    #[cfg(feature = "native")]
+    let examples: Vec<Result<Example, PredictError>> =
+        records.par_iter().enumerate().map(one).collect();
+    #[cfg(not(feature = "native"))]
+    let examples: Vec<Result<Example, PredictError>> =
+        records.iter().enumerate().map(one).collect();
+    examples.into_iter().collect()
+}
+
+/// The batches to score `examples` in: indices of rows of similar length (longest first), at most `batch_size`
+/// each, so padding stays small.
+pub fn batches(examples: &[Example], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+/// The first row whose probabilities are not finite, as an error naming it.
+pub fn check_finite(records: &[Record], probs: &[Vec<f32>]) -> Result<(), PredictError> {
+    match probs.iter().position(|p| p.iter().any(|v| !v.is_finite())) {
+        Some(i) => Err(PredictError::NonFinite {
+            row: i + 1,
+            id: records[i].id.clone(),
+            probs: probs[i].clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Swap test-time augmentation: each class's probability averaged with the swapped run's probability of the
@@ -167,20 +200,16 @@ pub fn swap_average(straight: &[Vec<f32>], swapped: &[Vec<f32>]) -> Vec<Vec<f32>
         .collect()
 }
 
-/// Softmax probabilities of each example, in input order; batches hold rows of similar length. The inner
-/// error is the first example (its index in input order, and its probabilities) whose probabilities are not
-/// finite.
+/// Softmax probabilities of each example, in input order; batches hold rows of similar length.
 fn score(
     model: &Gemma2ForSequenceClassification,
     examples: &[Example],
     batch_size: usize,
     device: &Device,
     progress: &dyn Progress,
-) -> Result<Result<Probs, (usize, Vec<f32>)>, PredictError> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+) -> Result<Probs, PredictError> {
     let mut out = vec![Vec::new(); examples.len()];
-    for chunk in order.chunks(batch_size.max(1)) {
+    for chunk in &batches(examples, batch_size) {
         let rows: Vec<&[u32]> = chunk
             .iter()
             .map(|&i| examples[i].input_ids.as_slice())
@@ -195,12 +224,7 @@ fn score(
         }
         progress.inc(chunk.len() as u64);
     }
-    Ok(
-        match out.iter().position(|p| p.iter().any(|v| !v.is_finite())) {
-            Some(i) => Err((i, out[i].clone())),
-            None => Ok(out),
-        },
-    )
+    Ok(out)
 }
 
 /// Accuracy and log loss on the rows labelled model_a or model_b (ties cannot be scored by a two-class model).
@@ -237,6 +261,7 @@ pub fn binary_metrics(probs: &[Vec<f32>], labels: &[Option<Label>]) -> Option<Bi
     })
 }
 
+#[cfg(feature = "native")]
 /// Refuses an output path that is one of the `inputs` (files, or model directories, whose `.json` and
 /// `.safetensors` files count), so that
 /// predictions never replace the data, tokenizer or model they come from. Paths are compared after resolving
@@ -274,21 +299,17 @@ pub fn check_output_path(
     Ok(())
 }
 
-/// Writes the Kaggle-style `id,winner,prob_model_a,prob_model_b` file.
-pub fn write_predictions_csv(
-    path: &std::path::Path,
+/// The Kaggle-style `id,winner,prob_model_a,prob_model_b` file, in record order.
+pub fn predictions_csv(
     records: &[Record],
     probs: &[Vec<f32>],
     labels: &[String],
-) -> Result<(), PredictError> {
-    let err = |message: String| PredictError::Write {
-        path: path.display().to_string(),
-        message,
-    };
+) -> Result<String, PredictError> {
+    let err = |e: csv::Error| PredictError::Invalid(format!("writing predictions: {e}"));
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["id".to_string(), "winner".to_string()];
     header.extend(labels.iter().map(|l| format!("prob_{l}")));
-    w.write_record(&header).map_err(|e| err(e.to_string()))?;
+    w.write_record(&header).map_err(err)?;
     for (r, p) in records.iter().zip(probs) {
         let best = p
             .iter()
@@ -296,8 +317,25 @@ pub fn write_predictions_csv(
             .fold(0, |b, (i, v)| if *v > p[b] { i } else { b });
         let mut row = vec![r.id.clone(), labels.get(best).cloned().unwrap_or_default()];
         row.extend(p.iter().map(|v| format!("{v:.6}")));
-        w.write_record(&row).map_err(|e| err(e.to_string()))?;
+        w.write_record(&row).map_err(err)?;
     }
-    let bytes = w.into_inner().map_err(|e| err(e.to_string()))?;
-    crate::cache::write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+    let bytes = w
+        .into_inner()
+        .map_err(|e| PredictError::Invalid(format!("writing predictions: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| PredictError::Invalid(e.to_string()))
+}
+
+/// Writes [`predictions_csv`] to `path` (atomically).
+#[cfg(feature = "native")]
+pub fn write_predictions_csv(
+    path: &std::path::Path,
+    records: &[Record],
+    probs: &[Vec<f32>],
+    labels: &[String],
+) -> Result<(), PredictError> {
+    let csv = predictions_csv(records, probs, labels)?;
+    crate::cache::write_atomic(path, csv.as_bytes()).map_err(|e| PredictError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }

@@ -42,17 +42,7 @@ pub enum PrepareError {
 /// The splits `prepare` writes.
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
-/// Where progress goes; the library never prints. Implementations must be cheap: `inc` is called once per row
-/// from every worker thread.
-pub trait Progress: Sync {
-    fn start(&self, _stage: &str, _total: u64) {}
-    fn inc(&self, _n: u64) {}
-    fn finish(&self) {}
-}
-
-/// Progress that goes nowhere.
-pub struct Silent;
-impl Progress for Silent {}
+pub use crate::progress::{Progress, Silent};
 
 #[derive(Debug, Clone)]
 pub struct PrepareRequest {

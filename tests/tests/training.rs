@@ -557,10 +557,21 @@ fn packed_bundles_stay_packed_on_wgpu_and_equal_the_cpu() {
             std::fs::read(web.join(file)).unwrap(),
         )])
         .unwrap();
+        let format = if file.contains("q4") {
+            shared::export::WeightFormat::Q4
+        } else {
+            shared::export::WeightFormat::Int8
+        };
         let load = |placement: Placement| {
-            shared::model::load::from_checkpoint(config(), &ckpt, placement)
-                .unwrap()
-                .model
+            // The page's estimate before downloading is what loading then takes.
+            let estimate = shared::model::load::footprint(&config(), format, &placement);
+            let loaded = shared::model::load::from_checkpoint(config(), &ckpt, placement).unwrap();
+            assert_eq!(
+                (estimate.device_bytes, estimate.host_bytes),
+                (loaded.stats.device_bytes, loaded.stats.host_bytes),
+                "{file}: footprint"
+            );
+            loaded.model
         };
         let on_cpu = load(Placement::from(&cpu));
         assert!(!on_cpu.model.layers[0].self_attn.q_proj.quantized);

@@ -1,56 +1,18 @@
-//! Fetching a `trainer export` web bundle: the manifest, then each file through the browser's Cache Storage
-//! (a reload does not download again), with byte progress, checked against the manifest's size and sha256.
+//! Fetching a `trainer export` web bundle: its manifest, then each file from the browser's Cache Storage (a
+//! reload downloads nothing) or the network, checked against the manifest's size and sha256. The weights are
+//! streamed: each chunk goes on (to the model loader) as it arrives, and the whole file is never held.
 
 use js_sys::{Reflect, Uint8Array};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use wasm_bindgen::{JsCast, JsValue};
+use shared::bundle::{BundleFile, BundleManifest, BundleWeights};
+use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Cache, ReadableStreamDefaultReader, Response};
 
+use crate::error::WebError;
+
 /// The cache that holds downloaded bundle files, by URL.
 pub const CACHE_NAME: &str = "arena-judge-bundles-v1";
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct FileEntry {
-    pub file: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct WeightsEntry {
-    pub format: String,
-    pub file: String,
-}
-
-/// The part of `manifest.json` the page needs.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub config: String,
-    pub tokenizer: String,
-    pub weights: Vec<WeightsEntry>,
-    pub files: Vec<FileEntry>,
-}
-
-/// The files of a bundle, fetched and checked.
-pub struct Bundle {
-    pub config: Vec<u8>,
-    pub tokenizer: Vec<u8>,
-    pub weights_name: String,
-    pub weights: Vec<u8>,
-    pub total_bytes: u64,
-    pub from_cache: bool,
-}
-
-fn err(e: JsValue) -> String {
-    e.as_string()
-        .or_else(|| {
-            e.dyn_ref::<js_sys::Error>()
-                .map(|e| String::from(e.message()))
-        })
-        .unwrap_or_else(|| format!("{e:?}"))
-}
 
 /// `base` with a trailing slash.
 pub fn normalize_base(base: &str) -> String {
@@ -61,26 +23,42 @@ pub fn normalize_base(base: &str) -> String {
     }
 }
 
-async fn fetch(url: &str) -> Result<Response, String> {
-    let window = web_sys::window().ok_or("no window")?;
-    let resp = JsFuture::from(window.fetch_with_str(url))
-        .await
-        .map_err(|e| format!("{url}: cannot fetch: {}", err(e)))?;
-    let resp: Response = resp.dyn_into().map_err(err)?;
+/// `fetch` on the page or in a worker.
+async fn fetch(url: &str) -> Result<Response, WebError> {
+    let global = js_sys::global();
+    let promise = if let Some(w) = global.dyn_ref::<web_sys::Window>() {
+        w.fetch_with_str(url)
+    } else if let Some(w) = global.dyn_ref::<web_sys::WorkerGlobalScope>() {
+        w.fetch_with_str(url)
+    } else {
+        return Err(WebError::Js("no fetch in this context".into()));
+    };
+    let resp = JsFuture::from(promise).await.map_err(|e| WebError::Fetch {
+        url: url.into(),
+        message: WebError::js(e).to_string(),
+    })?;
+    let resp: Response = resp.dyn_into().map_err(WebError::js)?;
     if !resp.ok() {
-        return Err(format!(
-            "{url}: HTTP {} {}",
-            resp.status(),
-            resp.status_text()
-        ));
+        return Err(WebError::Http {
+            url: url.into(),
+            status: resp.status(),
+            text: resp.status_text(),
+        });
     }
     Ok(resp)
 }
 
 async fn open_cache() -> Option<Cache> {
-    let window = web_sys::window()?;
+    let global = js_sys::global();
     // Cache Storage exists only in secure contexts (https, localhost); elsewhere files are fetched each time.
-    let caches = window.caches().ok()?;
+    let caches = if let Some(w) = global.dyn_ref::<web_sys::Window>() {
+        w.caches().ok()?
+    } else {
+        global
+            .dyn_ref::<web_sys::WorkerGlobalScope>()?
+            .caches()
+            .ok()?
+    };
     JsFuture::from(caches.open(CACHE_NAME))
         .await
         .ok()?
@@ -88,129 +66,203 @@ async fn open_cache() -> Option<Cache> {
         .ok()
 }
 
-/// Reads a response body to the end, calling `progress(bytes so far)` as chunks arrive.
-async fn read_body(resp: &Response, mut progress: impl FnMut(u64)) -> Result<Vec<u8>, String> {
+/// Reads a response body chunk by chunk.
+async fn read_chunks(
+    resp: &Response,
+    mut chunk: impl FnMut(&[u8]) -> Result<(), WebError>,
+) -> Result<(), WebError> {
     let Some(body) = resp.body() else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     let reader: ReadableStreamDefaultReader = body
         .get_reader()
         .dyn_into()
-        .map_err(|o: js_sys::Object| err(o.into()))?;
-    let mut out = Vec::new();
+        .map_err(|o: js_sys::Object| WebError::js(o.into()))?;
+    let mut buf = Vec::new();
     loop {
-        let chunk = JsFuture::from(reader.read()).await.map_err(err)?;
-        let done = Reflect::get(&chunk, &"done".into())
-            .map_err(err)?
+        let next = JsFuture::from(reader.read()).await.map_err(WebError::js)?;
+        let done = Reflect::get(&next, &"done".into())
+            .map_err(WebError::js)?
             .as_bool()
             .unwrap_or(true);
         if done {
-            break;
+            return Ok(());
         }
-        let value: Uint8Array = Reflect::get(&chunk, &"value".into())
-            .map_err(err)?
+        let value: Uint8Array = Reflect::get(&next, &"value".into())
+            .map_err(WebError::js)?
             .dyn_into()
-            .map_err(err)?;
-        let start = out.len();
-        out.resize(start + value.length() as usize, 0);
-        value.copy_to(&mut out[start..]);
-        progress(out.len() as u64);
+            .map_err(WebError::js)?;
+        buf.resize(value.length() as usize, 0);
+        value.copy_to(&mut buf);
+        chunk(&buf)?;
     }
-    Ok(out)
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One checked file: from the cache when it is there and intact, else downloaded (and then cached).
-async fn get_file(
-    base: &str,
-    entry: &FileEntry,
-    cache: Option<&Cache>,
-    progress: &mut impl FnMut(&str, u64, u64, bool),
-) -> Result<(Vec<u8>, bool), String> {
-    let url = format!("{base}{}", entry.file);
-    if let Some(cache) = cache
-        && let Ok(hit) = JsFuture::from(cache.match_with_str(&url)).await
-        && let Ok(resp) = hit.dyn_into::<Response>()
-    {
-        let bytes = read_body(&resp, |_| {}).await?;
-        if hex(&Sha256::digest(&bytes)) == entry.sha256 {
-            progress(&entry.file, entry.bytes, entry.bytes, true);
-            return Ok((bytes, true));
-        }
-        // A stale or damaged copy: forget it and download again.
-        let _ = JsFuture::from(cache.delete_with_str(&url)).await;
-    }
-    let resp = fetch(&url).await?;
-    let for_cache = resp.clone().ok();
-    let bytes = read_body(&resp, |n| progress(&entry.file, n, entry.bytes, false)).await?;
-    if bytes.len() as u64 != entry.bytes || hex(&Sha256::digest(&bytes)) != entry.sha256 {
-        return Err(format!(
-            "{url} does not match the bundle's manifest ({} bytes, expected {}): the bundle is corrupt or mixed up",
-            bytes.len(),
-            entry.bytes
-        ));
-    }
-    if let (Some(cache), Some(copy)) = (cache, for_cache) {
-        let _ = JsFuture::from(cache.put_with_str(&url, &copy)).await;
-    }
-    Ok((bytes, false))
+/// A bundle whose manifest is read.
+pub struct Bundle {
+    pub base: String,
+    pub manifest: BundleManifest,
+    pub weights: BundleWeights,
+    cache: Option<Cache>,
 }
 
-/// Fetches the bundle at `base` (a URL ending in `/`), preferring the weights in `format` when listed.
-/// `progress(file, bytes, total, from_cache)` reports downloads.
-pub async fn load(
-    base: &str,
-    format: Option<&str>,
-    mut progress: impl FnMut(&str, u64, u64, bool),
-) -> Result<Bundle, String> {
-    let manifest_url = format!("{base}manifest.json");
-    let resp = fetch(&manifest_url).await?;
-    let text = JsFuture::from(resp.text().map_err(err)?)
-        .await
-        .map_err(err)?
-        .as_string()
-        .unwrap_or_default();
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| format!("{manifest_url}: not a bundle manifest: {e}"))?;
-    let weights = format
-        .and_then(|f| manifest.weights.iter().find(|w| w.format == f))
-        .or(manifest.weights.first())
-        .ok_or_else(|| format!("{manifest_url}: lists no weights"))?
-        .clone();
-    let entry = |name: &str| {
-        manifest
+impl Bundle {
+    /// Reads `base`'s manifest (`base` ends in `/`) and picks the weights in `format` when listed, else the
+    /// first listed.
+    pub async fn open(base: &str, format: Option<&str>) -> Result<Self, WebError> {
+        let url = format!("{base}manifest.json");
+        let text = JsFuture::from(fetch(&url).await?.text().map_err(WebError::js)?)
+            .await
+            .map_err(WebError::js)?
+            .as_string()
+            .unwrap_or_default();
+        let bad = |message: String| WebError::Manifest {
+            url: url.clone(),
+            message,
+        };
+        let manifest: BundleManifest =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let weights = manifest
+            .pick_weights(format)
+            .cloned()
+            .ok_or_else(|| bad("it lists no weights".into()))?;
+        for name in [&manifest.config, &manifest.tokenizer, &weights.file] {
+            if manifest.file_bytes(name).is_none() {
+                return Err(bad(format!("{name} is not in its file list")));
+            }
+        }
+        Ok(Self {
+            base: base.into(),
+            manifest,
+            weights,
+            cache: open_cache().await,
+        })
+    }
+
+    fn entry(&self, name: &str) -> BundleFile {
+        self.manifest
             .files
             .iter()
             .find(|f| f.file == name)
             .cloned()
-            .ok_or_else(|| format!("{manifest_url}: {name} is not in its file list"))
-    };
-    let cache = open_cache().await;
-    let (config, c1) = get_file(
-        base,
-        &entry(&manifest.config)?,
-        cache.as_ref(),
-        &mut progress,
-    )
-    .await?;
-    let (tokenizer, c2) = get_file(
-        base,
-        &entry(&manifest.tokenizer)?,
-        cache.as_ref(),
-        &mut progress,
-    )
-    .await?;
-    let w = entry(&weights.file)?;
-    let (weights_bytes, c3) = get_file(base, &w, cache.as_ref(), &mut progress).await?;
-    Ok(Bundle {
-        total_bytes: (config.len() + tokenizer.len() + weights_bytes.len()) as u64,
-        config,
-        tokenizer,
-        weights_name: weights.file,
-        weights: weights_bytes,
-        from_cache: c1 && c2 && c3,
-    })
+            .unwrap_or(BundleFile {
+                file: name.into(),
+                bytes: 0,
+                sha256: String::new(),
+            })
+    }
+
+    /// Bytes of config, tokenizer and the chosen weights: what loading fetches.
+    pub fn download_bytes(&self) -> u64 {
+        [
+            &self.manifest.config,
+            &self.manifest.tokenizer,
+            &self.weights.file,
+        ]
+        .iter()
+        .filter_map(|f| self.manifest.file_bytes(f))
+        .sum()
+    }
+
+    /// A whole (small) file, checked.
+    pub async fn file(&self, name: &str) -> Result<(Vec<u8>, bool), WebError> {
+        let mut out = Vec::new();
+        let from_cache = self
+            .stream(
+                name,
+                |c| {
+                    out.extend_from_slice(c);
+                    Ok(())
+                },
+                |_| {},
+            )
+            .await?;
+        Ok((out, from_cache))
+    }
+
+    /// Streams file `name` into `sink`, chunk by chunk, with `progress(bytes so far)`; from the cache when it
+    /// holds the file, else from the network (and then into the cache as it streams). Checked against the
+    /// manifest at the end: a mismatch is an error (and a damaged cached copy is dropped, so a retry downloads).
+    /// Returns whether it came from the cache.
+    pub async fn stream(
+        &self,
+        name: &str,
+        mut sink: impl FnMut(&[u8]) -> Result<(), WebError>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<bool, WebError> {
+        let entry = self.entry(name);
+        let url = format!("{}{}", self.base, entry.file);
+        let cached = match &self.cache {
+            Some(cache) => JsFuture::from(cache.match_with_str(&url))
+                .await
+                .ok()
+                .and_then(|hit| hit.dyn_into::<Response>().ok()),
+            None => None,
+        };
+        let from_cache = cached.is_some();
+        let (resp, put) = match cached {
+            Some(resp) => (resp, None),
+            None => {
+                let resp = fetch(&url).await?;
+                // Into the cache as it streams (the browser tees the body); kept only if the bytes check out.
+                let put = match (&self.cache, resp.clone()) {
+                    (Some(cache), Ok(copy)) => {
+                        Some(JsFuture::from(cache.put_with_str(&url, &copy)))
+                    }
+                    _ => None,
+                };
+                (resp, put)
+            }
+        };
+        let mut hash = Sha256::new();
+        let mut bytes = 0u64;
+        // After the sink fails, the rest is still read and hashed: damaged bytes are better named as a damaged
+        // file than as whatever they broke downstream (a NaN weight, say).
+        let mut failed = None;
+        read_chunks(&resp, |chunk| {
+            hash.update(chunk);
+            bytes += chunk.len() as u64;
+            progress(bytes);
+            if failed.is_none()
+                && let Err(e) = sink(chunk)
+            {
+                failed = Some(e);
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(put) = put {
+            // A full quota only costs the next visit a download.
+            let _ = put.await;
+        }
+        if bytes != entry.bytes || hex(&hash.finalize()) != entry.sha256 {
+            if let Some(cache) = &self.cache {
+                let _ = JsFuture::from(cache.delete_with_str(&url)).await;
+            }
+            return Err(WebError::Corrupt {
+                url,
+                bytes,
+                expected: entry.bytes,
+            });
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(from_cache),
+        }
+    }
+}
+
+/// `name` of `base` as an absolute URL (a worker started from a blob cannot resolve relative ones).
+pub fn absolute(base: &str) -> String {
+    let doc_base = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.base_uri().ok().flatten());
+    match doc_base.and_then(|b| web_sys::Url::new_with_base(base, &b).ok()) {
+        Some(u) => u.href(),
+        None => base.into(),
+    }
 }

@@ -4,7 +4,10 @@
 
 mod app;
 mod bundle;
+mod error;
 mod judge;
+mod protocol;
+mod worker;
 
 pub use judge::Judge;
 

@@ -30,6 +30,18 @@ pub struct Loaded {
     pub config: Gemma2Config,
     /// The checkpoint had no `score.weight` (a base LM): the head is freshly initialised.
     pub fresh_head: bool,
+    pub stats: LoadStats,
+}
+
+/// Where the weights went, in bytes as held there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LoadStats {
+    /// On the GPU.
+    pub device_bytes: u64,
+    /// In host memory (everything on the CPU backend; a table over one binding otherwise).
+    pub host_bytes: u64,
+    /// Of those, packed (int8 or q4) bytes.
+    pub packed_bytes: u64,
 }
 
 /// Loads `dir/config.json` and its safetensors weights.
@@ -96,6 +108,7 @@ pub struct Loader {
     /// Packed values whose `_scale` has not arrived yet, and scales whose values have not.
     waiting: BTreeMap<String, RawTensor>,
     unexpected: Vec<String>,
+    stats: LoadStats,
 }
 
 /// A tensor in its final form, waiting for the model to be assembled.
@@ -125,6 +138,28 @@ impl Loader {
             ready: BTreeMap::new(),
             waiting: BTreeMap::new(),
             unexpected: Vec::new(),
+            stats: LoadStats::default(),
+        }
+    }
+
+    /// Tensors in their final form so far, and how many the model has.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.ready.len(), self.expected.len())
+    }
+
+    /// Where the tensors so far went.
+    pub fn stats(&self) -> LoadStats {
+        self.stats
+    }
+
+    fn count(&mut self, device: &Device, bytes: u64, packed: bool) {
+        if super::placement::is_gpu(device) {
+            self.stats.device_bytes += bytes;
+        } else {
+            self.stats.host_bytes += bytes;
+        }
+        if packed {
+            self.stats.packed_bytes += bytes;
         }
     }
 
@@ -217,9 +252,16 @@ impl Loader {
                         } else {
                             Device::flex()
                         };
+                        self.count(&device, PackedEmbedding::bytes(rows, cols, p.bits), true);
                         Ready::Table(PackedEmbedding::new(p, &device))
                     } else {
-                        Ready::Packed(Tensor::from_data(p.tensor_data(), &compute))
+                        let f16 = compute.supports_dtype(burn::tensor::FloatDType::F16);
+                        self.count(
+                            &compute,
+                            Packed::device_bytes(rows, cols, p.bits, f16),
+                            true,
+                        );
+                        Ready::Packed(Tensor::from_data(p.tensor_data(f16), &compute))
                     }
                 }
                 _ if embedding
@@ -231,6 +273,8 @@ impl Loader {
                     // f16: a 2^-11 relative step under int8's 2^-8.)
                     let wide = decode(&key, &values, scale.as_ref(), &shape)?;
                     let half: Vec<half::f16> = wide.into_iter().map(half::f16::from_f32).collect();
+                    let device = self.embedding_device.clone();
+                    self.count(&device, half.len() as u64 * 2, false);
                     // The dtype must be named: from_data alone converts to the device's default (f32).
                     Ready::Matrix(Tensor::from_data(
                         TensorData::new(half, [rows, cols]),
@@ -244,6 +288,7 @@ impl Loader {
                         compute
                     };
                     let wide = decode(&key, &values, scale.as_ref(), &shape)?;
+                    self.count(&device, wide.len() as u64 * 4, false);
                     Ready::Matrix(Tensor::from_data(
                         TensorData::new(wide, [rows, cols]),
                         &device,
@@ -252,6 +297,7 @@ impl Loader {
             }
         } else {
             let wide = decode(&key, &values, scale.as_ref(), &shape)?;
+            self.count(&compute, wide.len() as u64 * 4, false);
             Ready::Vector(Tensor::from_data(
                 TensorData::new(wide, [shape[0]]),
                 &compute,
@@ -311,6 +357,7 @@ impl Loader {
             model,
             config,
             fresh_head,
+            stats: self.stats,
         })
     }
 }
@@ -465,4 +512,83 @@ impl ParamSource for ReadySource<'_> {
         .linear(key, d_in, d_out);
         Ok(head)
     }
+}
+
+/// What a model takes where, before loading it: the figures a page shows (and checks) before it downloads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    pub device_bytes: u64,
+    pub host_bytes: u64,
+    /// The largest tensor bound on the GPU (the table aside, which goes to the host when it does not fit).
+    pub largest: (String, u64),
+    pub table_on_host: bool,
+}
+
+/// The [`Footprint`] of `config` stored in `format`, loaded as [`Loader`] loads it onto `placement`.
+pub fn footprint(
+    config: &Gemma2Config,
+    format: crate::bundle::WeightFormat,
+    placement: &Placement,
+) -> Footprint {
+    use crate::bundle::WeightFormat;
+    let gpu = super::placement::is_gpu(&placement.compute);
+    let keep_packed = gpu || cfg!(target_family = "wasm");
+    let mut f = Footprint {
+        device_bytes: 0,
+        host_bytes: 0,
+        largest: (String::new(), 0),
+        table_on_host: false,
+    };
+    let bits = match format {
+        WeightFormat::Int8 => Some(quant::Bits::Q8),
+        WeightFormat::Q4 => Some(quant::Bits::Q4),
+        WeightFormat::F32 | WeightFormat::F16 => None,
+    };
+    for (key, shape) in config.hf_shapes() {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        let packed = match (bits, shape.as_slice()) {
+            (Some(b), &[_, cols])
+                if keep_packed && key != "score.weight" && quant::packable(cols) =>
+            {
+                Some(b)
+            }
+            _ => None,
+        };
+        let (bytes, on_gpu) = if key == "model.embed_tokens.weight" {
+            let (rows, cols) = (shape[0], shape[1]);
+            match packed {
+                Some(b) => (
+                    PackedEmbedding::bytes(rows, cols, b),
+                    placement.fits(n * b.bits() as u64 / 8),
+                ),
+                None if placement.fits(n * 4) => (n * 4, true),
+                // A host table from f16 or int8 stays f16.
+                None if format != WeightFormat::F32 => (n * 2, false),
+                None => (n * 4, false),
+            }
+        } else {
+            let bytes = match packed {
+                Some(b) => {
+                    let f16 = placement
+                        .compute
+                        .supports_dtype(burn::tensor::FloatDType::F16);
+                    Packed::device_bytes(shape[0], shape[1], b, f16)
+                }
+                None => n * 4,
+            };
+            if bytes > f.largest.1 {
+                f.largest = (key.clone(), bytes);
+            }
+            (bytes, true)
+        };
+        if on_gpu && gpu {
+            f.device_bytes += bytes;
+        } else {
+            f.host_bytes += bytes;
+        }
+        if key == "model.embed_tokens.weight" {
+            f.table_on_host = gpu && !on_gpu;
+        }
+    }
+    f
 }

@@ -191,33 +191,50 @@ impl Packed {
             .collect()
     }
 
-    /// burn's scheme for this layout.
-    pub fn scheme(&self) -> QuantScheme {
+    /// burn's scheme for this layout, with scales held as `scales` (f16 as stored, or f32 where the device has
+    /// no f16).
+    pub fn scheme(&self, scales: ScaleDtype) -> QuantScheme {
         QuantScheme::default()
             .with_value(match self.bits {
                 Bits::Q8 => QuantValue::Q8S,
                 Bits::Q4 => QuantValue::Q4S,
             })
             .with_store(QuantStore::PackedU32(0))
-            .per_block([BLOCK as u8], ScaleDtype::F16)
+            .per_block([BLOCK as u8], scales)
     }
 
     /// A quantized `[rows, cols]` tensor: the words, then the scales (burn's byte layout for a packed tensor).
-    pub fn tensor_data(self) -> TensorData {
-        let (shape, scheme) = ([self.rows, self.cols], self.scheme());
+    ///
+    /// **Scales on a device without f16.** The kernel reads scales in the scheme's dtype; a WebGPU adapter
+    /// without `shader-f16` (SwiftShader, many browsers) reads f16 scales as garbage (P(A) came out 0.000 where
+    /// it should be 0.55), so there they are widened to f32, exactly, for 4 bytes per 32 values instead of 2.
+    pub fn tensor_data(self, device_has_f16: bool) -> TensorData {
+        let dtype = if device_has_f16 {
+            ScaleDtype::F16
+        } else {
+            ScaleDtype::F32
+        };
+        let (shape, scheme) = ([self.rows, self.cols], self.scheme(dtype));
         let mut bytes = self.words;
-        bytes.reserve_exact(self.scales.len() * 2 + 2);
+        bytes.reserve_exact(self.scales.len() * 4 + 2);
         for s in &self.scales {
-            bytes.extend_from_slice(&s.to_le_bytes());
+            if device_has_f16 {
+                bytes.extend_from_slice(&s.to_le_bytes());
+            } else {
+                bytes.extend_from_slice(&s.to_f32().to_le_bytes());
+            }
         }
         // Parameters are padded to a 4-byte boundary.
         bytes.resize(bytes.len().next_multiple_of(4), 0);
         TensorData::from_bytes_vec(bytes, shape, DType::QFloat(scheme))
     }
 
-    /// The `[cols, rows]` weight of burn's `x @ W`, quantized, on `device`.
-    pub fn linear_weight(self, device: &Device) -> Tensor<2> {
-        Tensor::<2>::from_data(self.tensor_data(), device).transpose()
+    /// Bytes of the packed values and scales on a device with or without f16 (see [`tensor_data`]).
+    ///
+    /// [`tensor_data`]: Self::tensor_data
+    pub fn device_bytes(rows: usize, cols: usize, bits: Bits, device_has_f16: bool) -> u64 {
+        let n = rows as u64 * cols as u64;
+        n * bits.bits() as u64 / 8 + n / BLOCK as u64 * if device_has_f16 { 2 } else { 4 }
     }
 }
 
@@ -392,11 +409,13 @@ mod tests {
             .unwrap(),
         ] {
             let expected = p.dequantize();
-            let t = Tensor::<2>::from_data(p.clone().tensor_data(), &device);
-            assert_eq!(
-                t.dequantize().to_data().try_to_vec::<f32>().unwrap(),
-                expected
-            );
+            for f16 in [true, false] {
+                let t = Tensor::<2>::from_data(p.clone().tensor_data(f16), &device);
+                assert_eq!(
+                    t.dequantize().to_data().try_to_vec::<f32>().unwrap(),
+                    expected
+                );
+            }
             let table = PackedEmbedding::new(p, &device);
             let ids =
                 Tensor::<2, Int>::from_data(TensorData::new(vec![4i64, 0, 2, 4], [2, 2]), &device);
