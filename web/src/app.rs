@@ -81,10 +81,18 @@ fn describe(about: &Option<BundleAbout>) -> String {
     };
     let params = format!("{:.1}M parameters", a.parameters as f64 / 1e6);
     if a.random_base {
+        // A run of `trainer demo` records its test accuracy; a benchmark bundle (make_bundle) was never trained.
+        let trained = if accuracy.is_empty() {
+            " and was never trained (a size benchmark): its percentages mean nothing".to_string()
+        } else {
+            format!(
+                " and was trained for minutes by `trainer demo`.{accuracy} It has learnt little: its percentages \
+                 are close to a coin flip and are not a verdict"
+            )
+        };
         format!(
-            "The demo model: a small Gemma-2 ({}, {params}) that started from random weights and was trained for \
-             minutes by `trainer demo`.{accuracy} It has learnt little: its percentages are close to a coin flip \
-             and are not a verdict. A model fine-tuned from pretrained gemma-2-2b is what the page is for.",
+            "This model is a Gemma-2 ({}, {params}) that started from random weights{trained}. A model \
+             fine-tuned from pretrained gemma-2-2b is what the page is for.",
             a.shape
         )
     } else {
