@@ -275,6 +275,26 @@ fn a_tiny_model_memorises_32_training_rows() {
     assert_eq!((logs.len(), evals.len()), (16, 4));
 }
 
+/// `model` (merged) exported to `out` with every compact format beside f16.
+fn export_all_formats(
+    model: &Gemma2ForSequenceClassification,
+    out: &std::path::Path,
+) -> shared::export::Exported {
+    shared::export::export(
+        model,
+        &config(),
+        &tokenizer_path(),
+        &PreprocessConfig::default(),
+        out,
+        &[
+            shared::export::WeightFormat::Int8,
+            shared::export::WeightFormat::Q4,
+        ],
+        None,
+    )
+    .unwrap()
+}
+
 #[test]
 fn export_reloads_to_the_same_logits_in_every_format() {
     let device = Device::flex();
@@ -286,19 +306,7 @@ fn export_reloads_to_the_same_logits_in_every_format() {
     let split = rows(5, 64);
     let want = logits(&merged, &split, &device);
     let out = temp_dir("export");
-    let exported = shared::export::export(
-        &merged,
-        &config(),
-        &tokenizer_path(),
-        &PreprocessConfig::default(),
-        &out,
-        &[
-            shared::export::WeightFormat::Int8,
-            shared::export::WeightFormat::Q4,
-        ],
-        None,
-    )
-    .unwrap();
+    let exported = export_all_formats(&merged, &out);
     let hf = shared::model::load::load_hf_dir(&out.join("hf"), &device).unwrap();
     assert!(!hf.fresh_head);
     assert_eq!(hf.config.sliding_window, 8);
@@ -536,19 +544,7 @@ fn packed_bundles_stay_packed_on_wgpu_and_equal_the_cpu() {
     let model = perturb(config().init(&cpu).with_lora(&lora(8), &cpu).unwrap(), &cpu).merge_lora();
     let split = rows(3, 48);
     let out = temp_dir("packed");
-    shared::export::export(
-        &model,
-        &config(),
-        &tokenizer_path(),
-        &PreprocessConfig::default(),
-        &out,
-        &[
-            shared::export::WeightFormat::Int8,
-            shared::export::WeightFormat::Q4,
-        ],
-        None,
-    )
-    .unwrap();
+    export_all_formats(&model, &out);
     let web = out.join("web");
     let gpu = Device::wgpu(Default::default());
     for file in ["model.int8.safetensors", "model.q4.safetensors"] {
@@ -598,6 +594,19 @@ fn packed_bundles_stay_packed_on_wgpu_and_equal_the_cpu() {
             assert!(
                 d < 1e-4,
                 "{file} (limit {limit:?}): wgpu differs from the CPU by {d}"
+            );
+            // `--dtype f16` on a packed model: the packed weights stay packed (a cast would unpack them), the
+            // rest goes to f16, and the quantized matmul yields f16 activations.
+            let half = packed.cast(burn::tensor::FloatDType::F16);
+            let q = &half.model.layers[0].self_attn.q_proj;
+            assert!(matches!(
+                q.base.weight.val().dtype(),
+                burn::tensor::DType::QFloat(_)
+            ));
+            let d = max_diff(&want, &logits(&half, &split, &gpu));
+            assert!(
+                d < 5e-2,
+                "{file} (limit {limit:?}) in f16: differs from f32 by {d}"
             );
         }
     }
