@@ -25,6 +25,7 @@ done
 echo "== a gemma-2-2b-wide q4 bundle (hidden 2304, 256k vocabulary, 4 of its 26 layers) and its native prediction"
 # bench/browser_max_bundle.sh runs the full 26 layers; that takes longer than CI has.
 large=target/test-bundles/h2304-l4
+mkdir -p target/test-bundles
 [ -f $large/web/manifest.json ] || FORMATS=q4 ./target/debug/examples/make_bundle $large 2304 4 > $large.json
 ./target/debug/trainer predict --device cpu --model $large/web --weights q4 \
   --data web/browser-tests/short-pair.csv --out $large-native.csv
