@@ -60,6 +60,11 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     pub eval_batch_size: usize,
     pub precision: Precision,
+    /// Dynamic loss scaling when the base is f16 ([`LossScaler`], PyTorch's `GradScaler`); bf16 and f32 have
+    /// f32's exponent range and need none.
+    pub loss_scaling: bool,
+    /// The loss scale an f16 run starts from (PyTorch's `init_scale`).
+    pub initial_loss_scale: f64,
     /// The device's dense peak in the training precision, TFLOP/s, for the model FLOPs utilisation (MFU) in the
     /// log; `None` looks the adapter up by name ([`crate::model::flops::known_peak_tflops`]).
     pub peak_tflops: Option<f64>,
@@ -92,6 +97,8 @@ impl Default for TrainConfig {
             early_stopping_patience: Some(3),
             eval_batch_size: 8,
             precision: Precision::Auto,
+            loss_scaling: true,
+            initial_loss_scale: 65536.0,
             peak_tflops: None,
         }
     }
@@ -112,7 +119,12 @@ pub enum Precision {
     /// f16 where the device supports it on a GPU backend, else f32.
     Auto,
     F32,
+    /// f16 base, with dynamic loss scaling (f16's smallest normal value is 6e-5, and gradients through the
+    /// base are often smaller).
     F16,
+    /// bfloat16 base: f32's range with 8 bits of mantissa, so no loss scaling; where the device computes it
+    /// (the CPU backend; WGSL, and so wgpu's default build and the browser, has no bf16).
+    Bf16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +206,13 @@ impl TrainConfig {
         if self.max_steps.is_none() && !(self.epochs > 0.0 && self.epochs.is_finite()) {
             return Err("epochs must be positive".into());
         }
+        // Below 1 a scale would shrink the gradients it is there to keep.
+        if !(self.initial_loss_scale >= 1.0 && self.initial_loss_scale.is_finite()) {
+            return Err(format!(
+                "initial_loss_scale must be at least 1, not {}",
+                self.initial_loss_scale
+            ));
+        }
         Ok(())
     }
 
@@ -227,28 +246,93 @@ impl TrainConfig {
         self.learning_rate * factor
     }
 
-    /// Whether training runs in f16 on `device`.
+    /// Whether the frozen base trains in a 16-bit float (f16 or bf16) on `device`.
     pub fn half(&self, device: &Device) -> bool {
-        self.resolve_precision(device).0
+        self.resolve_precision(device).0 != FloatDType::F32
     }
 
-    /// Whether the frozen base trains in f16 on `device`, and why, in words a run prints.
-    pub fn resolve_precision(&self, device: &Device) -> (bool, &'static str) {
+    /// The float type of the frozen base on `device`, and why, in words a run prints.
+    pub fn resolve_precision(&self, device: &Device) -> (FloatDType, &'static str) {
         let gpu = crate::model::placement::is_gpu(device);
         let f16 = device.supports_dtype(FloatDType::F16);
         match self.precision {
-            Precision::F32 => (false, "f32 (as asked)"),
+            Precision::F32 => (FloatDType::F32, "f32 (as asked)"),
+            Precision::F16 if self.loss_scaling => (
+                FloatDType::F16,
+                "f16 base with dynamic loss scaling, f32 adapters, head and optimizer state (as asked)",
+            ),
             Precision::F16 => (
-                true,
-                "f16 base, f32 adapters, head and optimizer state (as asked)",
+                FloatDType::F16,
+                "f16 base without loss scaling, f32 adapters, head and optimizer state (as asked)",
+            ),
+            Precision::Bf16 => (
+                FloatDType::BF16,
+                "bf16 base, f32 adapters, head and optimizer state (as asked)",
+            ),
+            Precision::Auto if gpu && f16 && self.loss_scaling => (
+                FloatDType::F16,
+                "f16 base with dynamic loss scaling, f32 adapters, head and optimizer state (auto: the GPU \
+                 supports f16)",
             ),
             Precision::Auto if gpu && f16 => (
-                true,
-                "f16 base, f32 adapters, head and optimizer state (auto: the GPU supports f16)",
+                FloatDType::F16,
+                "f16 base without loss scaling, f32 adapters, head and optimizer state (auto: the GPU \
+                 supports f16)",
             ),
-            Precision::Auto if gpu => (false, "f32 (auto: this GPU does not support f16)"),
+            Precision::Auto if gpu => (
+                FloatDType::F32,
+                "f32 (auto: this GPU does not support f16)",
+            ),
             // The CPU backend computes f16 by converting each value: slower than f32, and no memory to save.
-            Precision::Auto => (false, "f32 (auto: f16 pays only on a GPU)"),
+            Precision::Auto => (FloatDType::F32, "f32 (auto: f16 pays only on a GPU)"),
+        }
+    }
+
+    /// The loss scaler a run in this precision starts with: one for an f16 base, unless switched off.
+    pub fn loss_scaler(&self, device: &Device) -> Option<LossScaler> {
+        (self.loss_scaling && self.resolve_precision(device).0 == FloatDType::F16)
+            .then(|| LossScaler::new(self.initial_loss_scale))
+    }
+}
+
+/// Dynamic loss scaling, as PyTorch's `GradScaler`. In an f16 base, gradients below f16's smallest normal
+/// value (6e-5) lose digits and those below 6e-8 become zero; the loss is multiplied by `scale` before the
+/// backward pass so they stay in range, and the gradients are divided by it again before clipping. When the
+/// gradients overflow (infinite or NaN) the scale halves and [`train_step`] computes the step again; after
+/// [`LossScaler::GROWTH_INTERVAL`] steps in a row without overflow it doubles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Steps in a row without overflow.
+    pub good_steps: usize,
+    /// Overflows over the run (each cost one step's computation).
+    pub overflows: usize,
+}
+
+impl LossScaler {
+    /// PyTorch's `growth_interval`.
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            good_steps: 0,
+            overflows: 0,
+        }
+    }
+
+    /// Records whether a step's gradients were finite.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            self.overflows += 1;
         }
     }
 }
@@ -287,6 +371,9 @@ pub struct StepLog {
     /// ([`crate::model::flops`]) per second, over the device's peak; `None` where the peak is unknown.
     #[serde(default)]
     pub mfu: Option<f64>,
+    /// The f16 loss scale after the last step ([`LossScaler`]); `None` in f32 and bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
     pub elapsed_seconds: f64,
 }
 
@@ -340,6 +427,9 @@ pub struct TrainerState {
     pub pending_loss: f64,
     pub pending_steps: usize,
     pub stopped_early: bool,
+    /// The f16 loss scale; `None` in f32 and bf16 (and in checkpoints from before loss scaling).
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// The outcome of [`train`].
@@ -406,6 +496,7 @@ pub fn train(
         pending_loss: 0.0,
         pending_steps: 0,
         stopped_early: false,
+        loss_scaler: config.loss_scaler(device),
     };
     let mut logs: Vec<StepLog> = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
@@ -418,6 +509,9 @@ pub fn train(
         };
         let (m, o, s) = load_checkpoint(&ckpt, model, optim, device)?;
         (model, optim, state) = (m, o, s);
+        if state.loss_scaler.is_none() {
+            state.loss_scaler = config.loss_scaler(device);
+        }
         if state.total_steps != total {
             return Err(TrainError::Checkpoint {
                 path: ckpt.display().to_string(),
@@ -458,8 +552,17 @@ pub fn train(
         let lr = config.lr_at(step, total);
         let out;
         (model, out) = train_step(
-            model, &mut optim, chunk, data.train, config, step, lr, &trainable, device,
-        );
+            model,
+            &mut optim,
+            chunk,
+            data.train,
+            config,
+            step,
+            lr,
+            &trainable,
+            state.loss_scaler.as_mut(),
+            device,
+        )?;
         window.add(out, &model);
         state.step += 1;
         events.step(state.step);
@@ -478,6 +581,7 @@ pub fn train(
                 rows_per_second: window.rows as f64 / elapsed,
                 tokens_per_second: window.tokens as f64 / elapsed,
                 mfu: peak_flops.map(|peak| window.flops / elapsed / peak),
+                loss_scale: state.loss_scaler.as_ref().map(|s| s.scale),
                 elapsed_seconds: clock.elapsed().as_secs_f64(),
             };
             append_log(run.path(), &log)?;
@@ -591,17 +695,20 @@ pub fn for_training(
     config: &TrainConfig,
     device: &Device,
 ) -> Result<Gemma2ForSequenceClassification, TrainError> {
-    let half = config.half(device);
-    if half && !device.supports_dtype(FloatDType::F16) {
-        return Err(TrainError::Invalid(
-            "this device does not support f16: train with --precision f32".into(),
-        ));
+    let dtype = config.resolve_precision(device).0;
+    let half = dtype != FloatDType::F32;
+    if half && !device.supports_dtype(dtype) {
+        let name = if dtype == FloatDType::BF16 { "bf16" } else { "f16" };
+        return Err(TrainError::Invalid(format!(
+            "this device does not support {name}: train with --precision f32{}",
+            if dtype == FloatDType::BF16 && device.supports_dtype(FloatDType::F16) {
+                " or f16"
+            } else {
+                ""
+            }
+        )));
     }
-    let model = if half {
-        model.cast(FloatDType::F16)
-    } else {
-        model
-    };
+    let model = if half { model.cast(dtype) } else { model };
     let mut model = model.with_lora(&config.lora, device)?;
     if config.quantize_base {
         model = model.quantize_base(device);
@@ -625,11 +732,16 @@ pub struct StepOutput {
     pub tokens: usize,
     /// `(rows, padded length)` of each micro-batch, for the FLOPs count.
     pub shapes: Vec<(usize, usize)>,
+    /// Times the step's scaled f16 gradients overflowed and it was computed again at half the scale.
+    pub overflows: usize,
 }
 
 /// One optimizer step (step `step`, 0-based, at learning rate `lr`): forward and backward over the step's
-/// micro-batches with their gradients accumulated, the global norm clipped, then AdamW. Nothing is read back
-/// from the device: on a GPU the host queues the next step while this one runs.
+/// micro-batches with their gradients accumulated, the global norm clipped, then AdamW. Without a loss scaler
+/// nothing is read back from the device: on a GPU the host queues the next step while this one runs. With one,
+/// the gradient norm is read once per step to see whether the scaled gradients overflowed f16. An overflowed
+/// step is computed again at half the scale (same rows, same dropout), so no rows are dropped; PyTorch's
+/// `GradScaler` skips such a step instead, and with it the step's rows.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: Gemma2ForSequenceClassification,
@@ -640,13 +752,54 @@ pub fn train_step(
     step: usize,
     lr: f64,
     trainable: &[ParamId],
+    mut scaler: Option<&mut LossScaler>,
     device: &Device,
-) -> (Gemma2ForSequenceClassification, StepOutput) {
+) -> Result<(Gemma2ForSequenceClassification, StepOutput), TrainError> {
+    let mut overflows = 0;
+    loop {
+        let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+        let (mut grads, mut out) = step_gradients(&model, micro, split, config, step, scale, device);
+        out.grad_norm = clip_global_norm(&mut grads, trainable, config.max_grad_norm, scale);
+        if let (Some(scaler), Some(norm)) = (scaler.as_deref_mut(), &out.grad_norm) {
+            let norm = norm
+                .clone()
+                .try_to_vec_as::<f32>()
+                .map_err(|e| TrainError::Read(format!("{e:?}")))?[0];
+            scaler.update(norm.is_finite());
+            if !norm.is_finite() {
+                if scaler.scale < 1.0 {
+                    // Even an unscaled backward pass overflows f16: no scale can help.
+                    return Err(TrainError::Invalid(format!(
+                        "step {step}: the gradients overflow f16 even without loss scaling: train with \
+                         --precision f32 or bf16"
+                    )));
+                }
+                overflows += 1;
+                continue;
+            }
+        }
+        out.overflows = overflows;
+        return Ok((optim.step(lr, model, grads), out));
+    }
+}
+
+/// The gradients of one step's micro-batches, accumulated, of the loss times `scale`; and the step's output
+/// (its unscaled loss, rows and shapes), still without its gradient norm.
+fn step_gradients(
+    model: &Gemma2ForSequenceClassification,
+    micro: &[Vec<usize>],
+    split: &PreparedSplit,
+    config: &TrainConfig,
+    step: usize,
+    scale: f64,
+    device: &Device,
+) -> (GradientsParams, StepOutput) {
     let mut accumulator = GradientsAccumulator::<Gemma2ForSequenceClassification>::new();
     let mut loss_sum: Option<Tensor<1>> = None;
     let (mut rows, mut tokens, mut shapes) = (0, 0, Vec::with_capacity(micro.len()));
     for (k, batch_rows) in micro.iter().enumerate() {
-        // Dropout draws from the device RNG: seed it from the position, so a resumed run draws the same.
+        // Dropout draws from the device RNG: seed it from the position, so a resumed run (or a step computed
+        // again at another loss scale) draws the same.
         device.seed(
             config
                 .seed
@@ -669,26 +822,27 @@ pub fn train_step(
             Some(sum) => sum + value,
             None => value,
         });
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        accumulator.accumulate(&model, grads);
+        let scaled = if scale == 1.0 {
+            loss
+        } else {
+            loss.mul_scalar(scale)
+        };
+        let grads = GradientsParams::from_grads(scaled.backward(), model);
+        accumulator.accumulate(model, grads);
         rows += batch_rows.len();
         tokens += batch.lengths.iter().sum::<usize>();
         shapes.push((batch.batch_size, batch.seq_len));
     }
-    let mut grads = accumulator.grads();
-    let grad_norm = clip_global_norm(&mut grads, trainable, config.max_grad_norm);
-    let model = optim.step(lr, model, grads);
     let loss = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &device.clone().inner()));
-    (
-        model,
-        StepOutput {
-            loss,
-            grad_norm,
-            rows,
-            tokens,
-            shapes,
-        },
-    )
+    let out = StepOutput {
+        loss,
+        grad_norm: None,
+        rows,
+        tokens,
+        shapes,
+        overflows: 0,
+    };
+    (accumulator.grads(), out)
 }
 
 /// The steps since the last log line: their losses summed on the device, the last gradient norm, and what they
@@ -802,12 +956,14 @@ pub fn trainable_ids(model: &Gemma2ForSequenceClassification) -> Vec<ParamId> {
 }
 
 /// Scales the gradients so their global L2 norm is at most `max`, as PyTorch's `clip_grad_norm_` does (every
-/// gradient times `min(1, max / (norm + 1e-6))`), and returns the norm before clipping. All on the device: the
-/// factor is a tensor, so clipping never waits for a read-back.
+/// gradient times `min(1, max / (norm + 1e-6))`), and returns the norm before clipping. Gradients of a loss
+/// multiplied by `loss_scale` are divided by it first (one multiplication with the clipping factor). All on the
+/// device: the factor is a tensor, so clipping never waits for a read-back.
 fn clip_global_norm(
     grads: &mut GradientsParams,
     ids: &[ParamId],
     max: Option<f64>,
+    loss_scale: f64,
 ) -> Option<Tensor<1>> {
     let mut total: Option<Tensor<1>> = None;
     for id in ids {
@@ -819,15 +975,21 @@ fn clip_global_norm(
             });
         }
     }
-    let norm = total?.sqrt();
-    if let Some(max) = max {
-        let factor = norm
-            .clone()
-            .add_scalar(1e-6)
-            .recip()
-            .mul_scalar(max)
-            .clamp_max(1.0)
-            .reshape([1, 1]);
+    let norm = total?.sqrt().div_scalar(loss_scale);
+    let factor = match max {
+        Some(max) => Some(
+            norm.clone()
+                .add_scalar(1e-6)
+                .recip()
+                .mul_scalar(max)
+                .clamp_max(1.0)
+                .div_scalar(loss_scale),
+        ),
+        None if loss_scale != 1.0 => Some(Tensor::ones([1], &norm.device()).div_scalar(loss_scale)),
+        None => None,
+    };
+    if let Some(factor) = factor {
+        let factor = factor.reshape([1, 1]);
         for id in ids {
             if let Some(g) = grads.remove::<2>(*id) {
                 let f = factor.clone().cast(g.dtype());
@@ -1126,6 +1288,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_loss_scale_halves_on_overflow_and_doubles_after_a_clean_stretch() {
+        let mut s = LossScaler::new(65536.0);
+        s.update(false);
+        assert_eq!((s.scale, s.overflows), (32768.0, 1));
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 32768.0, "grew before the interval");
+        s.update(true);
+        assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+        // An overflow restarts the count.
+        s.update(true);
+        s.update(false);
+        assert_eq!((s.scale, s.good_steps, s.overflows), (32768.0, 0, 2));
+    }
+
+    #[test]
     fn warmup_then_cosine_matches_transformers() {
         let c = TrainConfig::default();
         // 100 steps, 10 of warmup: 0 at step 0, linear to the peak, half the peak halfway through the decay.
@@ -1183,5 +1362,12 @@ mod tests {
         let e = TrainConfig::from_file(&bad).unwrap_err().to_string();
         assert!(e.contains("bad.json") && e.contains("learning_rat"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+        for scale in [0.5, f64::NAN, f64::INFINITY] {
+            let c = TrainConfig {
+                initial_loss_scale: scale,
+                ..TrainConfig::default()
+            };
+            assert!(c.validate().unwrap_err().contains("initial_loss_scale"));
+        }
     }
 }

@@ -460,6 +460,7 @@ fn losses_in(
     }
     let adapters = model.trainable_tensors();
     let trainable = trainable_ids(&model);
+    let mut scaler = train_config.loss_scaler(device);
     let mut optim = burn::optim::AdamWConfig::new().init();
     let micro = [vec![0, 1], vec![2, 3]];
     let mut losses = Vec::new();
@@ -474,8 +475,10 @@ fn losses_in(
             step,
             3e-3,
             &trainable,
+            scaler.as_mut(),
             device,
-        );
+        )
+        .unwrap();
         losses.push(out.loss.try_to_vec_as::<f32>().unwrap()[0]);
     }
     let finite = snapshot(&model.valid())
@@ -484,41 +487,204 @@ fn losses_in(
     (losses, finite, adapters)
 }
 
+/// The adapters' gradient of one `train_step` in `train_config`'s precision, from `base` with the adapters `start`: SGD at
+/// learning rate 1 makes each trainable value's change its gradient. Also how often the step overflowed and the
+/// loss scale after it (`None` without a scaler).
+fn one_step_gradient(
+    base: Gemma2ForSequenceClassification,
+    train_config: &TrainConfig,
+    start: &Adapters,
+    device: &Device,
+) -> (Vec<f32>, usize, Option<f64>) {
+    use shared::train::{for_training, train_step, trainable_ids};
+    let mut model = for_training(base, train_config, device)
+        .unwrap()
+        .load_trainable(|name, _| {
+            start
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+        })
+        .unwrap();
+    let before = model.trainable_tensors();
+    let trainable = trainable_ids(&model);
+    let mut scaler = train_config.loss_scaler(device);
+    let mut optim = burn::optim::SgdConfig::new().init();
+    let out;
+    (model, out) = train_step(
+        model,
+        &mut optim,
+        &[vec![0, 1], vec![2, 3]],
+        &rows(4, 48),
+        train_config,
+        0,
+        1.0,
+        &trainable,
+        scaler.as_mut(),
+        device,
+    )
+    .unwrap();
+    let after = model.trainable_tensors();
+    let mut gradient = Vec::new();
+    // The adapters' gradients only: the head's is computed in f32 from the last hidden state and is far larger.
+    for ((name, b), (_, a)) in before.iter().zip(&after).filter(|((n, _), _)| n.contains("lora")) {
+        let b = b.clone().inner().try_to_vec_as::<f32>().unwrap();
+        let a = a.clone().inner().try_to_vec_as::<f32>().unwrap();
+        assert_eq!(b.len(), a.len(), "{name}");
+        gradient.extend(b.iter().zip(&a).map(|(b, a)| b - a));
+    }
+    (gradient, out.overflows, scaler.map(|s| s.scale))
+}
+
+/// How far `g` is from `reference`, relative to the reference's size (L1).
+fn relative_l1(g: &[f32], reference: &[f32]) -> f64 {
+    let diff: f64 = g.iter().zip(reference).map(|(a, b)| f64::from((a - b).abs())).sum();
+    diff / reference.iter().map(|b| f64::from(b.abs())).sum::<f64>()
+}
+
+/// Gradients through an f16 base are often below f16's normal range (6e-5) and lose digits or vanish; scaling
+/// the loss (by 65536, as PyTorch's GradScaler starts) keeps them, so an f16 step's gradient is much closer to
+/// the f32 one with scaling than without.
+#[test]
+fn f16_loss_scaling_keeps_the_gradients_f16_would_round_away() {
+    use shared::train::Precision;
+    let device = Device::flex().autodiff();
+    let mut base = config().init(&device);
+    // A 32-wide model's gradients are large; gemma-2-2b's, 2304 wide and 26 layers deep, are mostly far below
+    // f16's normal range. A head with small weights puts this model's gradients there too (everything below
+    // the head is multiplied by them).
+    base.score.weight = Param::from_tensor(base.score.weight.val().mul_scalar(1e-3).detach());
+    let settings = |precision, loss_scaling| TrainConfig {
+        lora: lora(4),
+        precision,
+        loss_scaling,
+        max_grad_norm: None,
+        ..TrainConfig::default()
+    };
+    let start = perturb(
+        for_training_adapters(base.clone(), &settings(Precision::F32, false), &device),
+        &device,
+    )
+    .trainable_tensors();
+    let (full, ..) = one_step_gradient(base.clone(), &settings(Precision::F32, true), &start, &device);
+    let (plain, plain_overflows, no_scale) =
+        one_step_gradient(base.clone(), &settings(Precision::F16, false), &start, &device);
+    let (scaled, overflows, scale) =
+        one_step_gradient(base, &settings(Precision::F16, true), &start, &device);
+    assert_eq!((plain_overflows, no_scale), (0, None), "loss scaling was switched off");
+    // This small random model's gradients overflow f16 at 65536 (as a real model's may): the step was computed
+    // again at each halved scale until it fit.
+    assert_eq!(scale, Some(65536.0 / 2f64.powi(overflows as i32)));
+    eprintln!("the first step overflowed {overflows} times; the loss scale is {scale:?}");
+    assert!(full.iter().any(|g| *g != 0.0));
+    let (plain_err, scaled_err) = (relative_l1(&plain, &full), relative_l1(&scaled, &full));
+    eprintln!("f16 gradient vs f32: {plain_err:.2e} unscaled, {scaled_err:.2e} scaled");
+    // Measured: 0.25 unscaled (a quarter of the gradient lost), 1.5e-3 scaled (f16's rounding).
+    assert!(
+        scaled_err < 1e-2 && scaled_err < plain_err / 10.0,
+        "scaling did not help: {plain_err:.2e} unscaled, {scaled_err:.2e} scaled"
+    );
+}
+
+/// A loss scale so large that the f16 gradients overflow: the scale halves until they fit, and the step then
+/// made is exactly the one a run starting at that scale makes (no rows dropped, no update from the overflowed
+/// tries).
+#[test]
+fn an_overflowing_f16_step_is_computed_again_at_half_the_scale() {
+    use shared::train::Precision;
+    let device = Device::flex().autodiff();
+    let base = config().init(&device);
+    let settings = TrainConfig {
+        lora: lora(4),
+        precision: Precision::F16,
+        initial_loss_scale: 2f64.powi(60),
+        ..TrainConfig::default()
+    };
+    let start = perturb(for_training_adapters(base.clone(), &settings, &device), &device)
+        .trainable_tensors();
+    let (gradient, overflows, scale) = one_step_gradient(base.clone(), &settings, &start, &device);
+    assert!(overflows >= 40, "a 2^60 loss scale overflowed f16 only {overflows} times");
+    let fitting = scale.unwrap();
+    assert_eq!(fitting, 2f64.powi(60 - overflows as i32));
+    let direct = TrainConfig {
+        initial_loss_scale: fitting,
+        ..settings
+    };
+    let (expected, again, _) = one_step_gradient(base, &direct, &start, &device);
+    assert_eq!(again, 0);
+    assert!(gradient.iter().any(|g| *g != 0.0));
+    assert!(
+        max_diff(&gradient, &expected) == 0.0,
+        "the retried step differs from a direct one by {}",
+        max_diff(&gradient, &expected)
+    );
+}
+
+/// The model `for_training` makes, for its adapters' names and shapes.
+fn for_training_adapters(
+    base: Gemma2ForSequenceClassification,
+    train_config: &TrainConfig,
+    device: &Device,
+) -> Gemma2ForSequenceClassification {
+    shared::train::for_training(base, train_config, device).unwrap()
+}
+
 /// f16 training (the default on a GPU) against f32: the first step's loss agrees, the loss falls over the
 /// steps, and nothing becomes NaN or infinite. On the H200 this path panicked at step 1 (a cast parameter was
 /// made trainable while it was still a node of the autodiff graph).
-fn half_precision_trains_like_f32(device: &Device) {
+fn half_precision_trains_like_f32(device: &Device, precision: shared::train::Precision) {
     use shared::train::Precision;
     // One base for both: built once and cloned.
     let base = config().init(device);
     let (full, full_finite, adapters) = losses_in(base.clone(), Precision::F32, None, device, 4);
-    let (half, half_finite, _) = losses_in(base, Precision::F16, Some(&adapters), device, 4);
+    let (half, half_finite, _) = losses_in(base, precision, Some(&adapters), device, 4);
     assert!(
         full_finite && half_finite,
         "non-finite weights after training"
     );
-    assert!(half.iter().all(|l| l.is_finite()), "f16 losses {half:?}");
+    assert!(half.iter().all(|l| l.is_finite()), "{precision:?} losses {half:?}");
     assert!(
         (half[0] - full[0]).abs() < 2e-2,
-        "first f16 step's loss {} vs f32 {}",
+        "first {precision:?} step's loss {} vs f32 {}",
         half[0],
         full[0]
     );
     assert!(
         half[3] < half[0] && full[3] < full[0],
-        "the loss does not fall: f16 {half:?}, f32 {full:?}"
+        "the loss does not fall: {precision:?} {half:?}, f32 {full:?}"
     );
     // The runs follow the same course. They part slowly: f16 rounds the gradients through the frozen base, and
     // AdamW turns a gradient's sign, not its size, into a step, so a rounded small gradient moves its weight as
     // far as an exact one (measured on the CPU: 0.06 apart after four steps at this learning rate).
     for (h, f) in half.iter().zip(&full) {
-        assert!((h - f).abs() < 0.1, "f16 {half:?} drifts from f32 {full:?}");
+        assert!((h - f).abs() < 0.1, "{precision:?} {half:?} drifts from f32 {full:?}");
     }
 }
 
 #[test]
 fn half_precision_training_on_the_cpu() {
-    half_precision_trains_like_f32(&Device::flex().autodiff());
+    half_precision_trains_like_f32(&Device::flex().autodiff(), shared::train::Precision::F16);
+}
+
+/// bf16 on the CPU backend trains as f16 does; wgpu's WGSL has no bf16, so there `--precision bf16` is an error
+/// that says what to use instead (if an adapter ever reports bf16, this fails and the wgpu case must train).
+#[test]
+fn bf16_training_on_the_cpu_and_a_clear_error_on_wgsl() {
+    use shared::train::Precision;
+    half_precision_trains_like_f32(&Device::flex().autodiff(), Precision::Bf16);
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(!gpu.supports_dtype(burn::tensor::FloatDType::BF16));
+    let bf16 = TrainConfig {
+        precision: Precision::Bf16,
+        ..TrainConfig::default()
+    };
+    let Err(e) = shared::train::for_training(config().init(&gpu), &bf16, &gpu) else {
+        panic!("bf16 on wgpu was accepted");
+    };
+    assert!(
+        e.to_string().contains("does not support bf16: train with --precision f32 or f16"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -532,7 +698,7 @@ fn half_precision_training_on_wgpu() {
         "this wgpu adapter has no f16: the f16 path is not exercised"
     );
     assert!(auto.half(&device), "{}", auto.resolve_precision(&device).1);
-    half_precision_trains_like_f32(&device);
+    half_precision_trains_like_f32(&device, shared::train::Precision::F16);
 }
 
 #[test]

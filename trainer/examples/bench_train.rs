@@ -3,10 +3,10 @@
 //! micro-batch of BATCH rows at a fixed length per step, and peak resident memory. Run by bench/train_vs_peft.sh
 //! and bench/gpu.sh beside the same loop in PyTorch + PEFT.
 //!
-//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16] [BATCH]
+//!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16|bf16] [BATCH]
 //!
-//! With `f16` the frozen base is in half precision and adapters, head and optimizer state in f32, as
-//! `trainer train` does on a GPU. The JSON line also gives the model FLOPs per token
+//! With `f16` (or `bf16`) the frozen base is in half precision and adapters, head and optimizer state in f32, as
+//! `trainer train` does on a GPU; f16 scales the loss as `trainer train` does (one read-back per step). The JSON line also gives the model FLOPs per token
 //! (`shared::model::flops::training_flops_per_token`), from which the scripts compute MFU for both sides.
 
 use std::time::Instant;
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
-        .context("usage: bench_train MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16] [BATCH]")?;
+        .context("usage: bench_train MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16|bf16] [BATCH]")?;
     let device = match args.get(2).map(String::as_str) {
         Some("cpu") => Device::flex(),
         // The adapter's own limits decide where the token embedding goes.
@@ -40,7 +40,11 @@ fn main() -> Result<()> {
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (seq, steps, batch) = (num(3, 512), num(4, 5), num(6, 1));
-    let half = args.get(5).is_some_and(|p| p == "f16");
+    let precision = match args.get(5).map(String::as_str) {
+        Some("f16") => Precision::F16,
+        Some("bf16") => Precision::Bf16,
+        _ => Precision::F32,
+    };
     let loaded = shared::model::load::load_hf_dir(std::path::Path::new(dir), &device)?;
     let layers = loaded.config.num_hidden_layers;
     let config = TrainConfig {
@@ -48,13 +52,14 @@ fn main() -> Result<()> {
             first_layer: 6.min(layers - 1),
             ..LoraConfig::default()
         },
-        precision: if half { Precision::F16 } else { Precision::F32 },
+        precision,
         batch_size: batch,
         grad_accum: 1,
         ..TrainConfig::default()
     };
     let mut model = for_training(loaded.model, &config, &device)?;
     let trainable = trainable_ids(&model);
+    let mut scaler = config.loss_scaler(&device);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(0.01)
         .with_epsilon(1e-8)
@@ -93,8 +98,9 @@ fn main() -> Result<()> {
             s,
             2e-5,
             &trainable,
+            scaler.as_mut(),
             &device,
-        );
+        )?;
         // Wait for the device: read the step's loss back.
         out.loss
             .try_to_vec_as::<f32>()
@@ -114,7 +120,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "tokens_per_s": (batch * seq * steps) as f64 / seconds,
             "seconds_per_step": seconds / steps as f64,
-            "batch": batch, "seq": seq, "steps": steps, "precision": if half { "f16" } else { "f32" },
+            "batch": batch, "seq": seq, "steps": steps, "precision": format!("{:?}", config.precision).to_lowercase(),
             "flops_per_token": flops,
             "peak_rss_mib": common::peak_rss_mib(),
         })

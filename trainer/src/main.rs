@@ -138,9 +138,13 @@ struct Overrides {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PrecisionArg {
+    /// f16 on a GPU that supports it (with dynamic loss scaling), else f32.
     Auto,
     F32,
+    /// f16 base with dynamic loss scaling.
     F16,
+    /// bfloat16 base, where the device computes it (the CPU backend; not WGSL).
+    Bf16,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,6 +201,7 @@ impl Overrides {
                 PrecisionArg::Auto => shared::train::Precision::Auto,
                 PrecisionArg::F32 => shared::train::Precision::F32,
                 PrecisionArg::F16 => shared::train::Precision::F16,
+                PrecisionArg::Bf16 => shared::train::Precision::Bf16,
             };
         }
     }

@@ -223,6 +223,10 @@ fn train_with_default_settings_runs_in_half_precision_on_wgpu_and_cpu() {
             "train-f16-cpu",
             &["--device", "cpu", "--precision", "f16"][..],
         ),
+        (
+            "train-bf16-cpu",
+            &["--device", "cpu", "--precision", "bf16"][..],
+        ),
     ] {
         let out = temp_dir(name);
         let stdout = run_ok(
@@ -244,9 +248,21 @@ fn train_with_default_settings_runs_in_half_precision_on_wgpu_and_cpu() {
                     out.to_str().unwrap(),
                 ]),
         );
-        assert!(stdout.contains("precision: f16"), "{name}: {stdout}");
+        let bf16 = name.contains("bf16");
+        let said = if bf16 {
+            "precision: bf16 base"
+        } else {
+            "precision: f16 base with dynamic loss scaling"
+        };
+        assert!(stdout.contains(said), "{name}: {stdout}");
         let (logs, evals) = shared::train::read_log(&out.join("log.jsonl")).unwrap();
         assert_eq!(logs.len(), 2, "{name}");
+        // f16 logs its loss scale; bf16 needs none.
+        assert!(
+            logs.iter()
+                .all(|l| l.loss_scale.is_some_and(|s| s >= 1.0) != bf16),
+            "{name}: {logs:?}"
+        );
         assert!(
             logs.iter()
                 .all(|l| l.loss.is_finite() && l.tokens_per_second > 0.0),
