@@ -114,6 +114,21 @@ pub fn serialize(tensors: &[NamedTensor], format: WeightFormat) -> Result<Vec<u8
     to_safetensors(&stored)
 }
 
+/// Weights serialized in one format, as a bundle file holds them.
+pub type Serialized = (WeightFormat, Vec<u8>);
+
+/// `tensors` in each of `formats`. `trainer export` serializes each compact format once: the same bytes are
+/// compared with f32 ([`format_quality`]) and then written ([`export`]).
+pub fn serialize_all(
+    tensors: &[NamedTensor],
+    formats: &[WeightFormat],
+) -> Result<Vec<Serialized>, ExportError> {
+    formats
+        .iter()
+        .map(|&f| Ok((f, serialize(tensors, f).map_err(ExportError::Read)?)))
+        .collect()
+}
+
 /// One tensor in `format`: itself, and for int8 and q4 its `_scale` companion (first).
 pub fn store(
     name: &str,
@@ -312,17 +327,17 @@ pub struct Exported {
 }
 
 /// Writes `out/hf/` (config.json, model.safetensors in f32, tokenizer.json, tokenizer_config.json) and the web
-/// bundle in `out/web/` (see [`export_web`], with f16 weights and each of `compact`). `model` must be merged.
+/// bundle in `out/web/` (see [`export_web`]: f16 weights and the `compact` ones, already serialized). `tensors`
+/// are a merged model's ([`hf_tensors`]).
 pub fn export(
-    model: &Gemma2ForSequenceClassification,
+    tensors: &[NamedTensor],
     config: &Gemma2Config,
     tokenizer_json: &Path,
     preprocess: &PreprocessConfig,
     out: &Path,
-    compact: &[WeightFormat],
+    compact: Vec<Serialized>,
     about: Option<BundleAbout>,
 ) -> Result<Exported, ExportError> {
-    let tensors = hf_tensors(model)?;
     let tokenizer = std::fs::read(tokenizer_json).map_err(io(tokenizer_json))?;
     let err = |path: &Path| {
         let path = path.display().to_string();
@@ -331,7 +346,7 @@ pub fn export(
 
     let hf = out.join("hf");
     std::fs::create_dir_all(&hf).map_err(io(&hf))?;
-    let weights = serialize(&tensors, WeightFormat::F32).map_err(err(&hf))?;
+    let weights = serialize(tensors, WeightFormat::F32).map_err(err(&hf))?;
     let mut hf_files = Vec::new();
     for (name, bytes) in [
         (
@@ -349,41 +364,37 @@ pub fn export(
         hf_files.push(bundle_file(name, &bytes));
     }
 
-    let mut formats = vec![WeightFormat::F16];
-    formats.extend(compact.iter().filter(|f| **f != WeightFormat::F16));
+    let mut files = vec![(
+        WeightFormat::F16,
+        serialize(tensors, WeightFormat::F16).map_err(err(&out.join("web")))?,
+    )];
+    files.extend(compact.into_iter().filter(|(f, _)| *f != WeightFormat::F16));
     let bundle = export_web(
-        &tensors,
+        files,
         config,
         tokenizer,
         preprocess,
         &out.join("web"),
-        &formats,
         about,
     )?;
     Ok(Exported { hf_files, bundle })
 }
 
-/// Writes the web bundle to `web`: config.json, tokenizer.json, one weights file per format
+/// Writes the web bundle to `web`: config.json, tokenizer.json, one weights file per serialized format
 /// ([`WeightFormat::file_name`]), and manifest.json (last, so a bundle with a manifest is whole).
 pub fn export_web(
-    tensors: &[NamedTensor],
+    weights: Vec<Serialized>,
     config: &Gemma2Config,
     tokenizer: Vec<u8>,
     preprocess: &PreprocessConfig,
     web: &Path,
-    formats: &[WeightFormat],
     about: Option<BundleAbout>,
 ) -> Result<BundleManifest, ExportError> {
-    let err = |path: &Path| {
-        let path = path.display().to_string();
-        move |message: String| ExportError::Io { path, message }
-    };
     std::fs::create_dir_all(web).map_err(io(web))?;
     let mut files = Vec::new();
     let mut weight_files = Vec::new();
-    for &format in formats {
+    for (format, bytes) in weights {
         let name = format.file_name();
-        let bytes = serialize(&tensors, format).map_err(err(web))?;
         write(&web.join(name), &bytes)?;
         files.push(bundle_file(name, &bytes));
         weight_files.push(BundleWeights {
@@ -416,13 +427,13 @@ pub fn export_web(
     Ok(bundle)
 }
 
-/// How far each of `formats` moves P(A) from the f32 `model` on `records` (all labelled), and the accuracy
-/// either way: each format is serialized as the bundle stores it and loaded back as `trainer predict` loads it.
+/// How far each of the serialized `formats` moves P(A) from the f32 `model` on `records` (all labelled), and the
+/// accuracy either way: each is loaded back from the bytes the bundle will hold, as `trainer predict` loads it.
 #[allow(clippy::too_many_arguments)]
 pub fn format_quality(
     model: &Gemma2ForSequenceClassification,
     config: &Gemma2Config,
-    formats: &[WeightFormat],
+    formats: &[Serialized],
     tokenizer: &crate::tokenizer::Tokenizer,
     preprocess: &PreprocessConfig,
     records: &[crate::data::Record],
@@ -448,13 +459,16 @@ pub fn format_quality(
     let labels: Vec<_> = records.iter().map(|r| r.label).collect();
     let accuracy = |p: &[Vec<f32>]| binary_metrics(p, &labels).map_or(f64::NAN, |m| m.accuracy);
     let reference = score(model)?;
-    let tensors = hf_tensors(model)?;
     let mut out = Vec::new();
-    for &format in formats {
-        let bytes = serialize(&tensors, format).map_err(ExportError::Read)?;
-        let checkpoint =
-            crate::model::weights::Checkpoint::from_files(vec![(format.file_name().into(), bytes)])
-                .map_err(|e| ExportError::Read(e.to_string()))?;
+    for (format, bytes) in formats {
+        let format = *format;
+        // A copy of the bytes (the checkpoint owns its file): a memcpy, where serializing again quantized every
+        // value.
+        let checkpoint = crate::model::weights::Checkpoint::from_files(vec![(
+            format.file_name().into(),
+            bytes.clone(),
+        )])
+        .map_err(|e| ExportError::Read(e.to_string()))?;
         let loaded = crate::model::load::from_checkpoint(config.clone(), &checkpoint, device)
             .map_err(|e| ExportError::Read(e.to_string()))?;
         let probs = score(&loaded.model)?;

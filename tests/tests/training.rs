@@ -280,16 +280,15 @@ fn export_all_formats(
     model: &Gemma2ForSequenceClassification,
     out: &std::path::Path,
 ) -> shared::export::Exported {
+    use shared::export::{WeightFormat, hf_tensors, serialize_all};
+    let tensors = hf_tensors(model).unwrap();
     shared::export::export(
-        model,
+        &tensors,
         &config(),
         &tokenizer_path(),
         &PreprocessConfig::default(),
         out,
-        &[
-            shared::export::WeightFormat::Int8,
-            shared::export::WeightFormat::Q4,
-        ],
+        serialize_all(&tensors, &[WeightFormat::Int8, WeightFormat::Q4]).unwrap(),
         None,
     )
     .unwrap()

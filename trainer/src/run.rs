@@ -443,6 +443,10 @@ pub fn run_export(
     let merged = model.merge_lora();
     let out = out.unwrap_or_else(|| run.join("export"));
     let test: Option<serde_json::Value> = read_json(&run.join("test_metrics.json")).ok();
+    // The model's tensors are read, and each compact format serialized, once: the bytes compared with f32 below
+    // are the bytes written.
+    let tensors = shared::export::hf_tensors(&merged)?;
+    let compact = shared::export::serialize_all(&tensors, compact)?;
     let quality = if quality_rows > 0 && !compact.is_empty() {
         // The test rows come back from the prepared data's source; without it there is no comparison to make.
         let data = PathBuf::from(&manifest.source.path);
@@ -454,7 +458,7 @@ pub fn run_export(
                 shared::export::format_quality(
                     &merged,
                     &base_config,
-                    compact,
+                    &compact,
                     &tokenizer,
                     &manifest.settings.preprocess,
                     &records,
@@ -493,7 +497,7 @@ pub fn run_export(
         quality,
     };
     let exported = shared::export::export(
-        &merged,
+        &tensors,
         &base_config,
         &info.tokenizer,
         &manifest.settings.preprocess,
