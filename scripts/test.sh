@@ -28,7 +28,7 @@ large=target/test-bundles/h2304-l4
 mkdir -p target/test-bundles
 [ -f $large/web/manifest.json ] || FORMATS=q4 ./target/debug/examples/make_bundle $large 2304 4 > $large.json
 ./target/debug/trainer predict --device cpu --model $large/web --weights q4 \
-  --data web/browser-tests/short-pair.csv --out $large-native.csv
+  --data web/browser-tests/short-pair.csv --out $large-native-q4.csv
 
 echo "== wasm32: build and check against the recipe fixture and the native model in Node"
 cargo build -p web --target wasm32-unknown-unknown --profile wasm-release
