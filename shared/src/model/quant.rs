@@ -261,6 +261,50 @@ fn unpack(word: u32, i: usize, bits: Bits) -> i8 {
     ((raw << (8 - b)) as i8) >> (8 - b)
 }
 
+/// The largest piece of a table's words uploaded at once.
+const UPLOAD_BYTES: usize = 64 << 20;
+
+/// `[rows, per_row]` little-endian words as an i32 tensor on `device`. The words' bytes are i32 values as they are:
+/// no conversion. A table larger than [`UPLOAD_BYTES`] goes up in pieces, from its end, written into a zeroed
+/// tensor: each piece is cut off the words and their memory released before the next, so the words and the pieces
+/// together never take more than the table. The browser's WebGPU stages each upload in wasm memory, and keeps it
+/// until the queue is flushed: gemma-2-2b's 590 MB int8 table uploaded whole peaked at 1,565 MB of wasm memory
+/// (measured), over the 1.5 GB the page may use.
+fn upload_words(words: Vec<u8>, rows: usize, per_row: usize, device: &Device) -> Tensor<2, Int> {
+    upload_words_in(words, rows, per_row, device, UPLOAD_BYTES)
+}
+
+fn upload_words_in(
+    mut words: Vec<u8>,
+    rows: usize,
+    per_row: usize,
+    device: &Device,
+    piece_bytes: usize,
+) -> Tensor<2, Int> {
+    let row_bytes = per_row * 4;
+    let piece_rows = (piece_bytes / row_bytes.max(1)).max(1);
+    if rows <= piece_rows {
+        return Tensor::from_data(
+            TensorData::from_bytes_vec(words, [rows, per_row], DType::I32),
+            (device, DType::I32),
+        );
+    }
+    let mut out = Tensor::<2, Int>::zeros([rows, per_row], (device, DType::I32));
+    let mut end = rows;
+    while end > 0 {
+        let start = end.saturating_sub(piece_rows);
+        let piece = words.split_off(start * row_bytes);
+        words.shrink_to_fit();
+        let piece = Tensor::from_data(
+            TensorData::from_bytes_vec(piece, [end - start, per_row], DType::I32),
+            (device, DType::I32),
+        );
+        out = out.slice_assign([start..end, 0..per_row], piece);
+        end = start;
+    }
+    out
+}
+
 /// A token embedding kept packed: `[vocab, hidden]` values as integer words and f32 block scales, on the compute
 /// device when they fit one binding, else on the host (see [`super::placement`]). Only the looked-up rows are
 /// unpacked.
@@ -278,11 +322,8 @@ impl PackedEmbedding {
     pub fn new(table: Packed, device: &Device) -> Self {
         let per = table.bits.per_word();
         let scales: Vec<f32> = table.scales.iter().map(|s| s.to_f32()).collect();
-        // The words' bytes are i32 values as they are (little-endian): no conversion, no copy.
-        let words =
-            TensorData::from_bytes_vec(table.words, [table.rows, table.cols / per], DType::I32);
         Self {
-            words: Tensor::from_data(words, (device, DType::I32)),
+            words: upload_words(table.words, table.rows, table.cols / per, device),
             scales: Tensor::from_data(
                 TensorData::new(scales, [table.rows, table.cols / BLOCK]),
                 device,
@@ -389,6 +430,20 @@ mod tests {
         for i in 0..rows * cols {
             assert_eq!(p.value(i), q[i]);
             assert_eq!(d[i], f32::from(q[i]) * s[i / cols].to_f32());
+        }
+    }
+
+    #[test]
+    fn a_table_uploaded_in_pieces_equals_one_uploaded_whole() {
+        // 7 rows of 3 words in pieces of 2 rows (the last piece shorter), on the CPU and on wgpu.
+        let words: Vec<u8> = (0..7 * 3 * 4).map(|i| (i * 7 % 256) as u8).collect();
+        for device in [Device::flex(), Device::wgpu(Default::default())] {
+            let whole = upload_words_in(words.clone(), 7, 3, &device, usize::MAX);
+            let pieces = upload_words_in(words.clone(), 7, 3, &device, 2 * 3 * 4);
+            assert_eq!(
+                pieces.to_data().try_to_vec::<i32>().unwrap(),
+                whole.to_data().try_to_vec::<i32>().unwrap()
+            );
         }
     }
 
