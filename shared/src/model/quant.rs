@@ -267,9 +267,9 @@ const UPLOAD_BYTES: usize = 64 << 20;
 /// `[rows, per_row]` little-endian words as an i32 tensor on `device`. The words' bytes are i32 values as they are:
 /// no conversion. A table larger than [`UPLOAD_BYTES`] goes up in pieces, from its end, written into a zeroed
 /// tensor: each piece is cut off the words and their memory released before the next, so the words and the pieces
-/// together never take more than the table. The browser's WebGPU stages each upload in wasm memory, and keeps it
-/// until the queue is flushed: gemma-2-2b's 590 MB int8 table uploaded whole peaked at 1,565 MB of wasm memory
-/// (measured), over the 1.5 GB the page may use.
+/// together never take more than the table. In the browser an upload's bytes are held a second time in wasm
+/// memory (where exactly is not traced): gemma-2-2b's 590 MB int8 table uploaded whole peaked at 1,565 MB of wasm
+/// memory, over the 1.5 GB the page may use; in pieces released as they go, at 1,240 MB (measured).
 fn upload_words(words: Vec<u8>, rows: usize, per_row: usize, device: &Device) -> Tensor<2, Int> {
     upload_words_in(words, rows, per_row, device, UPLOAD_BYTES)
 }
