@@ -279,10 +279,9 @@ impl TrainConfig {
                 "f16 base without loss scaling, f32 adapters, head and optimizer state (auto: the GPU \
                  supports f16)",
             ),
-            Precision::Auto if gpu => (
-                FloatDType::F32,
-                "f32 (auto: this GPU does not support f16)",
-            ),
+            Precision::Auto if gpu => {
+                (FloatDType::F32, "f32 (auto: this GPU does not support f16)")
+            }
             // The CPU backend computes f16 by converting each value: slower than f32, and no memory to save.
             Precision::Auto => (FloatDType::F32, "f32 (auto: f16 pays only on a GPU)"),
         }
@@ -698,7 +697,11 @@ pub fn for_training(
     let dtype = config.resolve_precision(device).0;
     let half = dtype != FloatDType::F32;
     if half && !device.supports_dtype(dtype) {
-        let name = if dtype == FloatDType::BF16 { "bf16" } else { "f16" };
+        let name = if dtype == FloatDType::BF16 {
+            "bf16"
+        } else {
+            "f16"
+        };
         return Err(TrainError::Invalid(format!(
             "this device does not support {name}: train with --precision f32{}",
             if dtype == FloatDType::BF16 && device.supports_dtype(FloatDType::F16) {
@@ -758,7 +761,8 @@ pub fn train_step(
     let mut overflows = 0;
     loop {
         let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
-        let (mut grads, mut out) = step_gradients(&model, micro, split, config, step, scale, device);
+        let (mut grads, mut out) =
+            step_gradients(&model, micro, split, config, step, scale, device);
         out.grad_norm = clip_global_norm(&mut grads, trainable, config.max_grad_norm, scale);
         if let (Some(scaler), Some(norm)) = (scaler.as_deref_mut(), &out.grad_norm) {
             let norm = norm

@@ -448,14 +448,7 @@ fn losses_in(
     let mut model = for_training(base, &train_config, device).unwrap();
     // The device's RNG is shared with tests running beside this one: copy the adapters rather than re-seed.
     if let Some(start) = start {
-        model = model
-            .load_trainable(|name, _| {
-                start
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.clone())
-            })
-            .unwrap();
+        model = with_adapters(model, start);
     }
     let adapters = model.trainable_tensors();
     let trainable = trainable_ids(&model);
@@ -496,15 +489,7 @@ fn one_step_gradient(
     device: &Device,
 ) -> (Vec<f32>, usize, Option<f64>) {
     use shared::train::{for_training, train_step, trainable_ids};
-    let mut model = for_training(base, train_config, device)
-        .unwrap()
-        .load_trainable(|name, _| {
-            start
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.clone())
-        })
-        .unwrap();
+    let mut model = with_adapters(for_training(base, train_config, device).unwrap(), start);
     let before = model.trainable_tensors();
     let trainable = trainable_ids(&model);
     let mut scaler = train_config.loss_scaler(device);
@@ -526,7 +511,11 @@ fn one_step_gradient(
     let after = model.trainable_tensors();
     let mut gradient = Vec::new();
     // The adapters' gradients only: the head's is computed in f32 from the last hidden state and is far larger.
-    for ((name, b), (_, a)) in before.iter().zip(&after).filter(|((n, _), _)| n.contains("lora")) {
+    for ((name, b), (_, a)) in before
+        .iter()
+        .zip(&after)
+        .filter(|((n, _), _)| n.contains("lora"))
+    {
         let b = b.clone().inner().try_to_vec_as::<f32>().unwrap();
         let a = a.clone().inner().try_to_vec_as::<f32>().unwrap();
         assert_eq!(b.len(), a.len(), "{name}");
@@ -537,7 +526,11 @@ fn one_step_gradient(
 
 /// How far `g` is from `reference`, relative to the reference's size (L1).
 fn relative_l1(g: &[f32], reference: &[f32]) -> f64 {
-    let diff: f64 = g.iter().zip(reference).map(|(a, b)| f64::from((a - b).abs())).sum();
+    let diff: f64 = g
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .sum();
     diff / reference.iter().map(|b| f64::from(b.abs())).sum::<f64>()
 }
 
@@ -561,16 +554,30 @@ fn f16_loss_scaling_keeps_the_gradients_f16_would_round_away() {
         ..TrainConfig::default()
     };
     let start = perturb(
-        for_training_adapters(base.clone(), &settings(Precision::F32, false), &device),
+        shared::train::for_training(base.clone(), &settings(Precision::F32, false), &device)
+            .unwrap(),
         &device,
     )
     .trainable_tensors();
-    let (full, ..) = one_step_gradient(base.clone(), &settings(Precision::F32, true), &start, &device);
-    let (plain, plain_overflows, no_scale) =
-        one_step_gradient(base.clone(), &settings(Precision::F16, false), &start, &device);
+    let (full, ..) = one_step_gradient(
+        base.clone(),
+        &settings(Precision::F32, true),
+        &start,
+        &device,
+    );
+    let (plain, plain_overflows, no_scale) = one_step_gradient(
+        base.clone(),
+        &settings(Precision::F16, false),
+        &start,
+        &device,
+    );
     let (scaled, overflows, scale) =
         one_step_gradient(base, &settings(Precision::F16, true), &start, &device);
-    assert_eq!((plain_overflows, no_scale), (0, None), "loss scaling was switched off");
+    assert_eq!(
+        (plain_overflows, no_scale),
+        (0, None),
+        "loss scaling was switched off"
+    );
     // This small random model's gradients overflow f16 at 65536 (as a real model's may): the step was computed
     // again at each halved scale until it fit.
     assert_eq!(scale, Some(65536.0 / 2f64.powi(overflows as i32)));
@@ -599,10 +606,16 @@ fn an_overflowing_f16_step_is_computed_again_at_half_the_scale() {
         initial_loss_scale: 2f64.powi(60),
         ..TrainConfig::default()
     };
-    let start = perturb(for_training_adapters(base.clone(), &settings, &device), &device)
-        .trainable_tensors();
+    let start = perturb(
+        shared::train::for_training(base.clone(), &settings, &device).unwrap(),
+        &device,
+    )
+    .trainable_tensors();
     let (gradient, overflows, scale) = one_step_gradient(base.clone(), &settings, &start, &device);
-    assert!(overflows >= 40, "a 2^60 loss scale overflowed f16 only {overflows} times");
+    assert!(
+        overflows >= 40,
+        "a 2^60 loss scale overflowed f16 only {overflows} times"
+    );
     let fitting = scale.unwrap();
     assert_eq!(fitting, 2f64.powi(60 - overflows as i32));
     let direct = TrainConfig {
@@ -619,13 +632,19 @@ fn an_overflowing_f16_step_is_computed_again_at_half_the_scale() {
     );
 }
 
-/// The model `for_training` makes, for its adapters' names and shapes.
-fn for_training_adapters(
-    base: Gemma2ForSequenceClassification,
-    train_config: &TrainConfig,
-    device: &Device,
+/// `model` with its adapters and head set to `start`, by name.
+fn with_adapters(
+    model: Gemma2ForSequenceClassification,
+    start: &Adapters,
 ) -> Gemma2ForSequenceClassification {
-    shared::train::for_training(base, train_config, device).unwrap()
+    model
+        .load_trainable(|name, _| {
+            start
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+        })
+        .unwrap()
 }
 
 /// f16 training (the default on a GPU) against f32: the first step's loss agrees, the loss falls over the
@@ -641,7 +660,10 @@ fn half_precision_trains_like_f32(device: &Device, precision: shared::train::Pre
         full_finite && half_finite,
         "non-finite weights after training"
     );
-    assert!(half.iter().all(|l| l.is_finite()), "{precision:?} losses {half:?}");
+    assert!(
+        half.iter().all(|l| l.is_finite()),
+        "{precision:?} losses {half:?}"
+    );
     assert!(
         (half[0] - full[0]).abs() < 2e-2,
         "first {precision:?} step's loss {} vs f32 {}",
@@ -656,7 +678,10 @@ fn half_precision_trains_like_f32(device: &Device, precision: shared::train::Pre
     // AdamW turns a gradient's sign, not its size, into a step, so a rounded small gradient moves its weight as
     // far as an exact one (measured on the CPU: 0.06 apart after four steps at this learning rate).
     for (h, f) in half.iter().zip(&full) {
-        assert!((h - f).abs() < 0.1, "{precision:?} {half:?} drifts from f32 {full:?}");
+        assert!(
+            (h - f).abs() < 0.1,
+            "{precision:?} {half:?} drifts from f32 {full:?}"
+        );
     }
 }
 
@@ -681,7 +706,8 @@ fn bf16_training_on_the_cpu_and_a_clear_error_on_wgsl() {
         panic!("bf16 on wgpu was accepted");
     };
     assert!(
-        e.to_string().contains("does not support bf16: train with --precision f32 or f16"),
+        e.to_string()
+            .contains("does not support bf16: train with --precision f32 or f16"),
         "{e}"
     );
 }
