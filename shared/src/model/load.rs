@@ -339,7 +339,7 @@ impl Loader {
             }
             .into());
         }
-        let gpu = super::placement::is_gpu(&self.placement.compute);
+        let in_kernel = self.placement.packed_matmul_in_kernel();
         let config = self.config.clone();
         let mut source = ReadySource {
             loader: &mut self,
@@ -347,7 +347,7 @@ impl Loader {
         };
         let mut model = config.build(&mut source)?;
         let fresh_head = source.fresh_head;
-        model.set_in_kernel_dequantization(gpu);
+        model.set_in_kernel_dequantization(in_kernel);
         if fresh_head {
             tracing::warn!(
                 "checkpoint has no score.weight (a base language model): the classification head starts fresh"

@@ -181,9 +181,11 @@ pub struct Projection {
     #[module(skip)]
     pub quantized: bool,
     /// The product takes the quantized weight as it is and the matmul kernel dequantizes it (burn's quantized
-    /// matmul on a GPU): the f32 weight never exists. Off for training (the autodiff graph gets a plain matmul)
-    /// and on the CPU backend, whose quantized matmul does not compute the plain product (it was 4e-2 off in a
-    /// probe, where wgpu's matched exactly).
+    /// matmul on a GPU): the f32 weight never exists. Off for training (the autodiff graph gets a plain matmul),
+    /// on the CPU backend, whose quantized matmul does not compute the plain product (it was 4e-2 off in a
+    /// probe, where wgpu's matched exactly), and on an emulated GPU, where it is several times slower (see
+    /// [`crate::model::placement::Placement::software_adapter`]). Off, the weight is dequantized for each product
+    /// and dropped after it: one projection's wide copy at a time.
     #[module(skip)]
     pub in_kernel: bool,
 }

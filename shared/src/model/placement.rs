@@ -7,7 +7,7 @@
 //! in host memory on the CPU backend: each batch looks up its rows there and uploads just those
 //! (`[batch, seq, hidden]`, a few MB), and the layers run on the GPU.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::tensor::Device;
 
@@ -19,6 +19,12 @@ pub struct Placement {
     /// The largest buffer one kernel may bind on `compute`, in bytes; `None` where there is no such limit (the
     /// CPU backend).
     pub max_binding_bytes: Option<u64>,
+    /// `compute` is a GPU emulated on the CPU (lavapipe, or Chromium's SwiftShader: wgpu reports a CPU adapter).
+    /// There burn's quantized matmul, which dequantizes packed weights inside its kernel, ran 7 to 12 times slower
+    /// than dequantizing the weight and then multiplying (measured on lavapipe: a 2304 × 9216 q4 projection times
+    /// 20 or 512 tokens, 2.4 s against 0.33 s and 9.4 s against 2.0 s), so packed projections are dequantized
+    /// before each product instead (see [`crate::model::lora::Projection::in_kernel`]).
+    pub software_adapter: bool,
 }
 
 /// The storage-buffer binding size every WebGPU adapter supports (`maxStorageBufferBindingSize`'s default);
@@ -26,12 +32,28 @@ pub struct Placement {
 pub const WEBGPU_DEFAULT_BINDING_BYTES: u64 = 128 << 20;
 
 impl Placement {
-    /// `compute` with a known binding limit (read from the adapter when the device was opened).
+    /// `compute` with a known binding limit (read from the adapter when the device was opened), taken for a
+    /// hardware device.
     pub fn new(compute: Device, max_binding_bytes: Option<u64>) -> Self {
         Self {
             compute,
             max_binding_bytes,
+            software_adapter: false,
         }
+    }
+
+    /// The same placement, on an emulated (`true`) or hardware GPU.
+    pub fn with_software_adapter(mut self, software: bool) -> Self {
+        self.software_adapter = software;
+        self
+    }
+
+    /// Whether packed projections are multiplied by burn's quantized matmul (dequantized inside the kernel, so
+    /// the wide weight never exists): on a hardware GPU. The CPU backend's quantized matmul does not compute
+    /// the plain product, and an emulated GPU's is far slower than dequantizing first (see
+    /// [`software_adapter`](Self::software_adapter)).
+    pub fn packed_matmul_in_kernel(&self) -> bool {
+        is_gpu(&self.compute) && !self.software_adapter
     }
 
     /// Whether a tensor of `bytes` fits one binding on the compute device.
@@ -54,6 +76,8 @@ impl Placement {
 /// The binding limit read when [`wgpu`] or [`wgpu_async`] opened the adapter; 0 until then. There is one wgpu
 /// runtime per process (per page in the browser), so one number.
 static OPENED_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// Whether the adapter opened then is a CPU one (see [`Placement::software_adapter`]).
+static OPENED_SOFTWARE: AtomicBool = AtomicBool::new(false);
 
 /// Everything on `device`. A GPU's limit is the one read when it was opened by [`wgpu`] or [`wgpu_async`], or
 /// else WebGPU's default.
@@ -64,15 +88,21 @@ impl From<&Device> for Placement {
             opened => opened,
         });
         Self::new(device.clone(), max)
+            .with_software_adapter(is_gpu(device) && OPENED_SOFTWARE.load(Ordering::Relaxed))
     }
 }
 
-fn opened(device: Device, limits: &burn::tensor::wgpu::wgpu::Limits) -> Placement {
+fn opened(device: Device, setup: &burn::tensor::wgpu::WgpuSetup) -> Placement {
+    let limits = setup.device.limits();
     let max = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
+    // lavapipe natively; in the browser, wgpu maps WebGPU's `isFallbackAdapter` (SwiftShader) to a CPU adapter.
+    let software =
+        setup.adapter.get_info().device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu;
     OPENED_LIMIT.store(max, Ordering::Relaxed);
-    Placement::new(device, Some(max))
+    OPENED_SOFTWARE.store(software, Ordering::Relaxed);
+    Placement::new(device, Some(max)).with_software_adapter(software)
 }
 
 impl From<Device> for Placement {
@@ -96,7 +126,7 @@ pub fn wgpu() -> Result<Placement, WgpuOpenError> {
     OPENED
         .get_or_init(|| {
             match Device::wgpu_options().init_with_setup() {
-                Ok((device, setup)) => Ok(opened(device, &setup.device.limits())),
+                Ok((device, setup)) => Ok(opened(device, &setup)),
                 // Opened earlier by a tensor operation on the default device: that device is usable, its limits
                 // just were not read.
                 Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => {
@@ -126,7 +156,7 @@ pub async fn wgpu_async() -> Result<Placement, WgpuOpenError> {
         .init_with_setup_async()
         .await
         .map_err(|e| WgpuOpenError(e.to_string()))?;
-    let placement = opened(device, &setup.device.limits());
+    let placement = opened(device, &setup);
     OPENED.with(|o| *o.borrow_mut() = Some(placement.clone()));
     Ok(placement)
 }
