@@ -258,7 +258,7 @@ impl Loader {
                         let f16 = compute.supports_dtype(burn::tensor::FloatDType::F16);
                         self.count(
                             &compute,
-                            Packed::device_bytes(rows, cols, p.bits, f16),
+                            Packed::device_bytes(rows, cols, p.bits, &compute),
                             true,
                         );
                         Ready::Packed(Tensor::from_data(p.tensor_data(f16), &compute))
@@ -568,12 +568,7 @@ pub fn footprint(
             }
         } else {
             let bytes = match packed {
-                Some(b) => {
-                    let f16 = placement
-                        .compute
-                        .supports_dtype(burn::tensor::FloatDType::F16);
-                    Packed::device_bytes(shape[0], shape[1], b, f16)
-                }
+                Some(b) => Packed::device_bytes(shape[0], shape[1], b, &placement.compute),
                 None => n * 4,
             };
             if bytes > f.largest.1 {

@@ -229,12 +229,18 @@ impl Packed {
         TensorData::from_bytes_vec(bytes, shape, DType::QFloat(scheme))
     }
 
-    /// Bytes of the packed values and scales on a device with or without f16 (see [`tensor_data`]).
+    /// Bytes the values and scales of a packed `[rows, cols]` tensor take on `device`: on a GPU as packed, with
+    /// f16 scales where it has f16 (see [`tensor_data`]). burn's CPU backend (the browser's CPU fallback) unpacks
+    /// a packed tensor as it takes it, to one byte per value and f32 scales: q4 takes twice its file size there.
     ///
     /// [`tensor_data`]: Self::tensor_data
-    pub fn device_bytes(rows: usize, cols: usize, bits: Bits, device_has_f16: bool) -> u64 {
+    pub fn device_bytes(rows: usize, cols: usize, bits: Bits, device: &Device) -> u64 {
         let n = rows as u64 * cols as u64;
-        n * bits.bits() as u64 / 8 + n / BLOCK as u64 * if device_has_f16 { 2 } else { 4 }
+        if !super::placement::is_gpu(device) {
+            return n + n / BLOCK as u64 * 4;
+        }
+        let f16 = device.supports_dtype(burn::tensor::FloatDType::F16);
+        n * bits.bits() as u64 / 8 + n / BLOCK as u64 * if f16 { 2 } else { 4 }
     }
 }
 
@@ -271,7 +277,12 @@ const UPLOAD_BYTES: usize = 64 << 20;
 /// memory (where exactly is not traced): gemma-2-2b's 590 MB int8 table uploaded whole peaked at 1,565 MB of wasm
 /// memory, over the 1.5 GB the page may use; in pieces released as they go, at 1,240 MB (measured).
 fn upload_words(words: Vec<u8>, rows: usize, per_row: usize, device: &Device) -> Tensor<2, Int> {
-    upload_words_in(words, rows, per_row, device, UPLOAD_BYTES)
+    // burn's CPU backend takes the bytes as they are (no copy), where pieces would add a zeroed table.
+    let piece = match super::placement::is_gpu(device) {
+        true => UPLOAD_BYTES,
+        false => usize::MAX,
+    };
+    upload_words_in(words, rows, per_row, device, piece)
 }
 
 fn upload_words_in(
