@@ -445,6 +445,19 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_backend_holds_a_byte_per_value_as_counted() {
+        // burn's CPU backend unpacks q4 to one byte per value (f32 scales): the page's estimate must say so.
+        let (rows, cols) = (4, 64);
+        let p = Packed::quantize_q4(&values(rows, cols), rows, cols).unwrap();
+        let device = Device::flex();
+        let held = Tensor::<2>::from_data(p.tensor_data(false), &device)
+            .into_data()
+            .as_bytes()
+            .len() as u64;
+        assert_eq!(held, Packed::device_bytes(rows, cols, Bits::Q4, &device));
+    }
+
+    #[test]
     fn a_table_uploaded_in_pieces_equals_one_uploaded_whole() {
         // 7 rows of 3 words in pieces of 2 rows (the last piece shorter), on the CPU and on wgpu.
         let words: Vec<u8> = (0..7 * 3 * 4).map(|i| (i * 7 % 256) as u8).collect();
