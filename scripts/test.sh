@@ -22,6 +22,11 @@ for weights in int8 q4; do
     --data data/arena-sample.parquet --limit 1 --out target/test-demo/native-$weights-1.csv
 done
 
+echo "== SPIR-V: the vendored cubecl-spirv is the crates.io release plus its one fix, and every kernel of f16"
+echo "   training and q4 prediction on wgpu passes spirv-val"
+bash scripts/check_vendored.sh
+bash scripts/check_spirv.sh
+
 echo "== a gemma-2-2b-wide q4 bundle (hidden 2304, 256k vocabulary, 4 of its 26 layers) and its native prediction"
 # bench/browser_max_bundle.sh runs the full 26 layers; that takes longer than CI has.
 large=target/test-bundles/h2304-l4

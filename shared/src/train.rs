@@ -123,7 +123,7 @@ pub enum Precision {
     /// base are often smaller).
     F16,
     /// bfloat16 base: f32's range with 8 bits of mantissa, so no loss scaling; where the device computes it
-    /// (the CPU backend; WGSL, and so wgpu's default build and the browser, has no bf16).
+    /// (the CPU backend; not lavapipe, and not WGSL, so not the browser).
     Bf16,
 }
 

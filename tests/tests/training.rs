@@ -690,10 +690,11 @@ fn half_precision_training_on_the_cpu() {
     half_precision_trains_like_f32(&Device::flex().autodiff(), shared::train::Precision::F16);
 }
 
-/// bf16 on the CPU backend trains as f16 does; wgpu's WGSL has no bf16, so there `--precision bf16` is an error
-/// that says what to use instead (if an adapter ever reports bf16, this fails and the wgpu case must train).
+/// bf16 on the CPU backend trains as f16 does; lavapipe reports no bf16 (in SPIR-V as in WGSL), so there
+/// `--precision bf16` is an error that says what to use instead (if the adapter ever reports bf16, this fails and
+/// the wgpu case must train).
 #[test]
-fn bf16_training_on_the_cpu_and_a_clear_error_on_wgsl() {
+fn bf16_training_on_the_cpu_and_a_clear_error_on_wgpu() {
     use shared::train::Precision;
     half_precision_trains_like_f32(&Device::flex().autodiff(), Precision::Bf16);
     let gpu = Device::wgpu(Default::default()).autodiff();

@@ -143,7 +143,7 @@ enum PrecisionArg {
     F32,
     /// f16 base with dynamic loss scaling.
     F16,
-    /// bfloat16 base, where the device computes it (the CPU backend; not WGSL).
+    /// bfloat16 base, where the device computes it (the CPU backend; not lavapipe or WGSL).
     Bf16,
 }
 

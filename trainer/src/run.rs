@@ -259,11 +259,14 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The device in a line: the adapter's name and the shader language its kernels compile to (`spirv` on Vulkan,
-/// `msl` on Metal, `wgsl` elsewhere), or the CPU backend.
+/// The device in a line: the adapter's name, its graphics API and the shader language its kernels compile to
+/// (SPIR-V on Vulkan, MSL on Metal, WGSL elsewhere), or the CPU backend.
 pub fn describe_device(device: &Device) -> String {
     match device.identity() {
-        Some(id) => format!("{} ({})", id.name, id.fingerprint),
+        Some(id) => match shared::model::placement::opened_adapter() {
+            Some(api) => format!("{} ({api})", id.name),
+            None => id.name,
+        },
         None if shared::model::placement::is_gpu(device) => "wgpu".into(),
         None => "CPU (burn flex)".into(),
     }

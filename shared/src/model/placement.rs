@@ -78,6 +78,30 @@ impl Placement {
 static OPENED_LIMIT: AtomicU64 = AtomicU64::new(0);
 /// Whether the adapter opened then is a CPU one (see [`Placement::software_adapter`]).
 static OPENED_SOFTWARE: AtomicBool = AtomicBool::new(false);
+/// The graphics API and shader language of the adapter opened then (see [`opened_adapter`]).
+static OPENED_API: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The graphics API the wgpu adapter opened by [`wgpu`] or [`wgpu_async`] runs on, and the language this build
+/// compiles its kernels to there: "Vulkan, SPIR-V", "Metal, MSL", else WGSL. `None` until one was opened. cubecl
+/// would still fall back to WGSL on a Vulkan driver without what its SPIR-V needs (the Vulkan memory model with
+/// device scope, buffer device addresses, SPIR-V 1.3; lavapipe and NVIDIA's driver have them); the device's
+/// `identity().fingerprint` does not tell, as cubecl writes `spirv_…` there whatever it compiles.
+pub fn opened_adapter() -> Option<&'static str> {
+    OPENED_API.get().copied()
+}
+
+fn api_and_language(backend: burn::tensor::wgpu::wgpu::Backend) -> &'static str {
+    use burn::tensor::wgpu::wgpu::Backend;
+    match backend {
+        Backend::Vulkan if cfg!(not(any(target_os = "macos", target_family = "wasm"))) => "Vulkan, SPIR-V",
+        Backend::Vulkan => "Vulkan, WGSL",
+        Backend::Metal => "Metal, MSL",
+        Backend::Dx12 => "DX12, WGSL",
+        Backend::Gl => "OpenGL, WGSL",
+        Backend::BrowserWebGpu => "WebGPU, WGSL",
+        Backend::Noop => "no-op",
+    }
+}
 
 /// Everything on `device`. A GPU's limit is the one read when it was opened by [`wgpu`] or [`wgpu_async`], or
 /// else WebGPU's default.
@@ -102,6 +126,7 @@ fn opened(device: Device, setup: &burn::tensor::wgpu::WgpuSetup) -> Placement {
         setup.adapter.get_info().device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu;
     OPENED_LIMIT.store(max, Ordering::Relaxed);
     OPENED_SOFTWARE.store(software, Ordering::Relaxed);
+    let _ = OPENED_API.set(api_and_language(setup.backend));
     Placement::new(device, Some(max)).with_software_adapter(software)
 }
 
