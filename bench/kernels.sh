@@ -3,8 +3,8 @@
 # optionally a reference build side by side (REFERENCE=path/to/other/trainer), with the ratio.
 #
 # A GPU step's time is, to a first order, its kernels' memory passes plus a launch overhead each; the count is the
-# part of "where the time goes" that an emulator (lavapipe) measures as well as a GPU does, since it depends on the
-# build and the model's graph, not on the device. Each run trains the tiny preset with the recipe's step (batch 1,
+# part of "where the time goes" that an emulator (lavapipe) measures about as a GPU would, since it depends mostly
+# on the build and the model's graph, little on the device. Each run trains the tiny preset with the recipe's step (batch 1,
 # accumulation 8) at the default precision; two runs of different lengths cancel the launches of setup,
 # evaluation and test, so what is left is the steps'.
 #
