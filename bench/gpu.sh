@@ -4,7 +4,8 @@
 #   - forward, 8 x 512 tokens: PyTorch bf16 (sdpa, eager) against ours in f16;
 #   - a LoRA step (the recipe's adapters: r 32, alpha 64, q/k/v of layers 6-25), 1 x 512: PEFT bf16 (sdpa, eager)
 #     and f32 against ours in f16 and f32; and at a batch that fills the GPU (BIG_BATCH x 512);
-#   - `trainer train` with default settings on the bundled real rows: rows/s and tokens/s from its log.
+#   - `trainer train` with default settings on the bundled real rows: rows/s and tokens/s from its log, and beside
+#     it the recipe's micro-batches of one row (--micro-batch-tokens 0), with the ratio.
 #
 # For a machine with no Rust toolchain and no network (an H200 lent through the device tool): run
 # bench/gpu_pack.sh here first, carry bench/out/gpu, and run this script there from the repository root. It
@@ -68,11 +69,16 @@ step train_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 10 f16 1
 step train_ours_f32 120 "$BIN/bench_train" "$M" wgpu 512 10 f32 1
 step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
 step big_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 5 f16 "$BIG_BATCH"
-# `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated) on the real sample rows.
-rm -rf "$W/run"
+# `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated, each step's 8 rows
+# computed as one micro-batch of up to 4096 padded tokens) on the real sample rows; then, side by side, the same
+# with the recipe's micro-batches of one row (--micro-batch-tokens 0), for fewer steps.
+rm -rf "$W/run" "$W/run-unpacked"
 step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet --out "$W/run" \
   --max-steps 12 --logging-steps 2 --eval-steps 1000 --save-steps 1000
 [ -f "$W/run/log.jsonl" ] && cp "$W/run/log.jsonl" "$RES/trainer_train_log.jsonl"
+step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet \
+  --out "$W/run-unpacked" --micro-batch-tokens 0 --max-steps 6 --logging-steps 2 --eval-steps 1000 --save-steps 1000
+[ -f "$W/run-unpacked/log.jsonl" ] && cp "$W/run-unpacked/log.jsonl" "$RES/trainer_train_unpacked_log.jsonl"
 
 RES="$RES" PEAK_HALF="$PEAK_HALF" PEAK_F32="$PEAK_F32" python3 - <<'PYEOF' | tee -a "$RES/log.txt"
 import json, os
@@ -116,12 +122,20 @@ table("LoRA step, a batch that fills the GPU (target: >= PEFT, MFU >= 40%)", "to
     ("big_peft_sdpa", "PEFT bf16, sdpa", "tokens_per_s", 1, "half"),
     ("big_ours_f16", "arena-judge f16 base", "tokens_per_s", 1, "half"),
 ], "big_peft_sdpa", tr.get("flops_per_token"))
-try:
-    logs = [json.loads(l) for l in open(os.path.join(res, "trainer_train_log.jsonl")) if '"train"' in l]
-    last = logs[-1]
-    print(f"\ntrainer train (defaults, real rows): {last['rows_per_second']:.2f} rows/s, "
-          f"{last['tokens_per_second']:.0f} tokens/s, MFU {last.get('mfu')}, loss {last['loss']:.4f} at step {last['step']}")
-except Exception as e:
-    print(f"\ntrainer train: no log ({e})")
+def last_log(name):
+    try:
+        return [json.loads(l) for l in open(os.path.join(res, name)) if '"train"' in l][-1]
+    except Exception as e:
+        print(f"\n{name}: no log ({e})")
+        return None
+# The last logged stretch of each run: the first carries the warm-up (shader compilation).
+packed, unpacked = last_log("trainer_train_log.jsonl"), last_log("trainer_train_unpacked_log.jsonl")
+for label, last in [("defaults: 8 rows per step as one micro-batch", packed),
+                    ("--micro-batch-tokens 0: the recipe's 8 micro-batches of 1 row", unpacked)]:
+    if last:
+        print(f"\ntrainer train, real rows, {label}: {last['rows_per_second']:.2f} rows/s, "
+              f"{last['tokens_per_second']:.0f} tokens/s, MFU {last.get('mfu')}, loss {last['loss']:.4f} at step {last['step']}")
+if packed and unpacked:
+    print(f"packed micro-batches: {packed['rows_per_second'] / unpacked['rows_per_second']:.2f}x the rows/s of one row at a time")
 PYEOF
 log "done in $(( $(date +%s) - started ))s"

@@ -488,6 +488,26 @@ fn one_step_gradient(
     start: &Adapters,
     device: &Device,
 ) -> (Vec<f32>, usize, Option<f64>) {
+    let (gradient, out, scale) = step_gradient(
+        base,
+        train_config,
+        start,
+        device,
+        &[vec![0, 1], vec![2, 3]],
+        &rows(4, 48),
+    );
+    (gradient, out.overflows, scale)
+}
+
+/// [`one_step_gradient`] on the micro-batches `micro` of `split`, with the step's output (loss, shapes, overflows).
+fn step_gradient(
+    base: Gemma2ForSequenceClassification,
+    train_config: &TrainConfig,
+    start: &Adapters,
+    device: &Device,
+    micro: &[Vec<usize>],
+    split: &PreparedSplit,
+) -> (Vec<f32>, shared::train::StepOutput, Option<f64>) {
     use shared::train::{for_training, train_step, trainable_ids};
     let mut model = with_adapters(for_training(base, train_config, device).unwrap(), start);
     let before = model.trainable_tensors();
@@ -498,8 +518,8 @@ fn one_step_gradient(
     (model, out) = train_step(
         model,
         &mut optim,
-        &[vec![0, 1], vec![2, 3]],
-        &rows(4, 48),
+        micro,
+        split,
         train_config,
         0,
         1.0,
@@ -521,7 +541,66 @@ fn one_step_gradient(
         assert_eq!(b.len(), a.len(), "{name}");
         gradient.extend(b.iter().zip(&a).map(|(b, a)| b - a));
     }
-    (gradient, out.overflows, scaler.map(|s| s.scale))
+    (gradient, out, scaler.map(|s| s.scale))
+}
+
+/// A step's rows regrouped by `micro_batch_tokens` (one batch of 5, or batches of 2, 2 and 1 padded to their
+/// longest row) give the loss and gradient of the rows one by one, the recipe's batch 1 × accumulation: the loss
+/// is the mean over the step's rows however they are grouped, and right padding changes no real token.
+#[test]
+fn packing_a_step_by_tokens_leaves_its_loss_and_gradient_unchanged() {
+    let device = Device::flex().autodiff();
+    let base = config().init(&device);
+    // Rows of different lengths, so a packed batch pads.
+    let full = rows(5, 48);
+    let mut split = PreparedSplit::with_capacity(5);
+    for (i, keep) in [48, 21, 40, 9, 33].into_iter().enumerate() {
+        let ids = full.input_ids(i);
+        split.push(full.rows[i].clone(), &ids[..keep.min(ids.len())]);
+    }
+    let lengths: Vec<usize> = (0..5).map(|i| split.input_ids(i).len()).collect();
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+    let settings = |micro_batch_tokens| TrainConfig {
+        lora: lora(4),
+        max_grad_norm: None,
+        micro_batch_tokens,
+        ..TrainConfig::default()
+    };
+    let start = perturb(
+        shared::train::for_training(base.clone(), &settings(0), &device).unwrap(),
+        &device,
+    )
+    .trainable_tensors();
+    let one_by_one: Vec<Vec<usize>> = (0..5).map(|i| vec![i]).collect();
+    let step = |micro_batch_tokens| {
+        let (gradient, out, _) = step_gradient(
+            base.clone(),
+            &settings(micro_batch_tokens),
+            &start,
+            &device,
+            &one_by_one,
+            &split,
+        );
+        let loss = out.loss.try_to_vec_as::<f32>().unwrap()[0];
+        (gradient, loss, out.shapes)
+    };
+    let (reference, reference_loss, shapes) = step(0);
+    assert_eq!(shapes.len(), 5, "budget 0 regrouped the rows: {shapes:?}");
+    assert!(reference.iter().any(|g| *g != 0.0));
+    let longest = *lengths.iter().max().unwrap();
+    for budget in [5 * longest, 2 * longest] {
+        let (gradient, loss, shapes) = step(budget);
+        let batches: Vec<usize> = shapes.iter().map(|&(rows, _)| rows).collect();
+        let expected = if budget == 5 * longest { vec![5] } else { vec![2, 2, 1] };
+        assert_eq!(batches, expected, "budget {budget}: {shapes:?}");
+        assert!(shapes.iter().all(|&(rows, seq)| rows * seq <= budget));
+        assert!(
+            (loss - reference_loss).abs() < 1e-6,
+            "budget {budget}: loss {loss} against {reference_loss} row by row"
+        );
+        let err = relative_l1(&gradient, &reference);
+        assert!(err < 1e-5, "budget {budget}: the gradient differs by {err:.2e} (relative L1)");
+    }
 }
 
 /// How far `g` is from `reference`, relative to the reference's size (L1).

@@ -201,13 +201,17 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     );
     let steps = config.total_steps(train_split.len());
     out!(
-        "training on {} rows ({} val, {} test): {} steps of {} x {} rows, lr {} ({:?}, {} warmup steps); precision: {}",
+        "training on {} rows ({} val, {} test): {} steps of {} x {} rows{}, lr {} ({:?}, {} warmup steps); precision: {}",
         train_split.len(),
         val_split.len(),
         test_split.len(),
         steps,
         config.grad_accum,
         config.batch_size,
+        match config.micro_batch_tokens {
+            0 => String::new(),
+            t => format!(" (computed in micro-batches of up to {t} padded tokens)"),
+        },
         config.learning_rate,
         config.schedule,
         config.warmup_steps(steps),
