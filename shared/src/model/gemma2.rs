@@ -19,7 +19,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Gemma2Config, LayerType};
 use super::lora::Projection;
@@ -68,8 +68,9 @@ impl RmsNorm {
 /// `forward`. Computed in f32 exactly as transformers does (inverse frequencies in f32, then `pos * inv_freq`).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `[seq, head_dim]`, the halves repeated: `cat(freqs, freqs)`.
+    /// `[seq, head_dim]`, the halves repeated: `cos(cat(freqs, freqs))`.
     pub cos: Tensor<2>,
+    /// `[seq, head_dim]`, with `rotate_half`'s sign folded in: `cat(-sin(freqs), sin(freqs))`.
     pub sin: Tensor<2>,
 }
 
@@ -85,7 +86,7 @@ impl Rope {
             for k in 0..head_dim {
                 let angle = pos as f32 * inv_freq[k % half];
                 cos.push(angle.cos());
-                sin.push(angle.sin());
+                sin.push(if k < half { -angle.sin() } else { angle.sin() });
             }
         }
         Self {
@@ -94,35 +95,47 @@ impl Rope {
         }
     }
 
+    /// The tables rounded to the activation dtype once, as transformers does (`cos.to(x.dtype)`), so that each
+    /// of the two calls per layer does not cast them again: on a GPU every cast is a kernel launch.
+    pub fn cast(self, dtype: DType) -> Self {
+        Self {
+            cos: self.cos.cast(dtype),
+            sin: self.sin.cast(dtype),
+        }
+    }
+
     /// **RoPE in halves**: `x * cos + rotate_half(x) * sin`, where `rotate_half([x1, x2]) = [-x2, x1]` splits the
     /// head in two halves (Hugging Face's layout; burn's `RotaryEncoding` rotates neighbours instead).
     ///
+    /// `rotate_half(x) * sin` is computed as `[x2, x1] * [-sin, sin]` (the sign is in the table), and `[x2, x1]`
+    /// as one flip of the head viewed as `[2, head_dim / 2]`. Slicing the halves and concatenating them would cost
+    /// four copy kernels forward and more backward: a half-head slice is not aligned to the GPU's memory offsets,
+    /// so it cannot be a view. `x` comes in the projection's contiguous layout so the reshapes are views too.
+    /// Exact either way: the products differ only in where the sign is applied.
+    ///
     /// # Shapes
-    /// `x`: `[batch, heads, seq, head_dim]` → same
+    /// `x`: `[batch, seq, heads, head_dim]` → same
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, seq, head_dim] = x.dims();
+        let [batch, seq, heads, head_dim] = x.dims();
         let half = head_dim / 2;
         let dtype = x.dtype();
-        let cos = self
-            .cos
+        // Tables made for this pass are already `seq` long and in `x`'s dtype: nothing to launch for them then.
+        let table = |t: &Tensor<2>| {
+            let t = if t.dims()[0] == seq {
+                t.clone()
+            } else {
+                t.clone().narrow(0, 0, seq)
+            };
+            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
+            t.reshape([1, seq, 1, head_dim])
+        };
+        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        let swapped = x
             .clone()
-            .narrow(0, 0, seq)
-            .cast(dtype)
-            .unsqueeze::<4>(); // [1, 1, seq, head_dim]
-        let sin = self
-            .sin
-            .clone()
-            .narrow(0, 0, seq)
-            .cast(dtype)
-            .unsqueeze::<4>();
-        let rotated = Tensor::cat(
-            vec![
-                x.clone().narrow(3, half, half).neg(),
-                x.clone().narrow(3, 0, half),
-            ],
-            3,
-        );
-        x * cos + rotated * sin
+            .reshape([batch, seq, heads, 2, half])
+            .flip([3])
+            .reshape([batch, seq, heads, head_dim]);
+        x * cos + swapped * sin
     }
 }
 
@@ -169,22 +182,17 @@ impl Attention {
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([batch, seq, h, d])
+        let q = rope
+            .apply(self.q_proj.forward(x.clone()).reshape([batch, seq, h, d]))
             .swap_dims(1, 2); // [batch, h, seq, d]
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([batch, seq, kv, d])
+        let k = rope
+            .apply(self.k_proj.forward(x.clone()).reshape([batch, seq, kv, d]))
             .swap_dims(1, 2); // [batch, kv, seq, d]
         let v = self
             .v_proj
             .forward(x)
             .reshape([batch, seq, kv, d])
             .swap_dims(1, 2); // [batch, kv, seq, d]
-        let (q, k) = (rope.apply(q), rope.apply(k));
         // **GQA**: each K/V head serves `h / kv` consecutive query heads.
         let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv)); // [batch, h, seq, d]
         let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale); // [batch, h, seq, seq]
@@ -325,7 +333,7 @@ impl Gemma2Model {
         let x = x.mul_scalar((self.hidden_size as f64).sqrt());
         Pass {
             x,
-            rope: Rope::new(seq, self.head_dim, self.rope_theta, &device),
+            rope: Rope::new(seq, self.head_dim, self.rope_theta, &device).cast(dtype),
             full: attention_mask(seq, None, &device),
             local: None,
             next: 0,
@@ -763,7 +771,7 @@ mod tests {
         let rope = Rope::new(seq, d, 10_000.0, &dev());
         let x: Vec<f32> = (0..seq * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let out = rope.apply(Tensor::<4>::from_data(
-            TensorData::new(x.clone(), [1, 1, seq, d]),
+            TensorData::new(x.clone(), [1, seq, 1, d]),
             &dev(),
         ));
         let out = out.try_to_vec_as::<f32>().unwrap();
