@@ -1043,16 +1043,27 @@ pub fn evaluate_split(
         .collect();
     let mut order = rows.clone();
     order.sort_by_key(|&i| std::cmp::Reverse(split.input_ids(i).len()));
-    let mut probs = vec![[0f32; 2]; split.len()];
+    // The probabilities stay on the device until every batch is queued, then come back in one read: a read per
+    // batch would make a GPU wait for the host to collate and upload the next batch, every batch.
+    let mut batches = Vec::with_capacity(order.len().div_ceil(config.eval_batch_size));
     for chunk in order.chunks(config.eval_batch_size) {
         let ids: Vec<&[u32]> = chunk.iter().map(|&i| split.input_ids(i)).collect();
         let logits = model.forward_batch(&collate(&ids, 0), device);
-        let p = burn::tensor::activation::softmax(logits.cast(FloatDType::F32), 1)
+        batches.push(burn::tensor::activation::softmax(
+            logits.cast(FloatDType::F32),
+            1,
+        ));
+    }
+    let p = if batches.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(batches, 0)
             .try_to_vec_as::<f32>()
-            .map_err(|e| TrainError::Read(format!("{e:?}")))?;
-        for (k, &i) in chunk.iter().enumerate() {
-            probs[i] = [p[2 * k], p[2 * k + 1]];
-        }
+            .map_err(|e| TrainError::Read(format!("{e:?}")))?
+    };
+    let mut probs = vec![[0f32; 2]; split.len()];
+    for (k, &i) in order.iter().enumerate() {
+        probs[i] = [p[2 * k], p[2 * k + 1]];
     }
     let (mut loss, mut log_loss, mut correct) = (0.0, 0.0, 0usize);
     let mut confusion = [[0usize; 2]; 2];
