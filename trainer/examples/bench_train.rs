@@ -55,6 +55,8 @@ fn main() -> Result<()> {
         precision,
         batch_size: batch,
         grad_accum: 1,
+        // The batch as given: the default token budget (4096) would split a 16 x 512 batch into two of 8.
+        micro_batch_tokens: 0,
         ..TrainConfig::default()
     };
     let mut model = for_training(loaded.model, &config, &device)?;
