@@ -176,9 +176,8 @@ pub const FUSION_MAX_BLOCKS: usize = 2;
 /// Why: with burn's default of 5 blocks, the search composes blocks of a training step's backward pass (the RMS
 /// norms' gradients around each layer) that depend on each other in a cycle; burn then runs the whole segment,
 /// 19 to 48 operations, unfused, one kernel per operation ("[repair] falling back to unfused stream order" in its
-/// log, `BURN_FUSION_LOG=medium`). That happened 8 times per step of the tiny preset, once per such segment. With 2
-/// blocks it did not happen once, and a step launched 0.72x the kernels (692 against 965, `bench/kernels.sh`);
-/// 3 blocks gave 729, 8 gave 1,138.
+/// log, `BURN_FUSION_LOG=medium`): 8 segments, 291 operations, in a one-step run of the tiny preset. With 2 blocks
+/// it did not happen once, and a step launched 0.72x the kernels (692 against 965, `bench/kernels.sh`).
 #[cfg(all(feature = "native", not(target_family = "wasm")))]
 pub fn tune_fusion() -> bool {
     use cubecl_environment::config::RuntimeConfig;
