@@ -193,34 +193,53 @@ impl Attention {
             .forward(x)
             .reshape([batch, seq, kv, d])
             .swap_dims(1, 2); // [batch, kv, seq, d]
-        // **GQA**: each K/V head serves `h / kv` consecutive query heads.
-        let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv)); // [batch, h, seq, d]
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale); // [batch, h, seq, seq]
-        if let Some(cap) = self.softcap {
-            // **Attention soft-capping**, before the mask.
-            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
-        }
-        let scores = scores.mask_fill(
-            mask.unsqueeze::<4>().expand([batch, h, seq, seq]),
-            f32::NEG_INFINITY,
-        );
-        let dtype = scores.dtype();
-        let probs = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, h * d]); // [batch, seq, h * d]
-        self.o_proj.forward(out)
+        let out = grouped_attention(q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([batch, seq, h * d]))
     }
 }
 
+/// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
+/// (transformers' `repeat_kv` order: query heads `[0, 1]` share K/V head 0, `[2, 3]` head 1, ...).
+///
+/// transformers copies each K/V head `h / kv` times to match the query heads. Here a group's queries are
+/// instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one shared K/V head in a
+/// single matmul: no copies of keys and values forward, and no reduction of their copies' gradients backward, while
+/// each matmul is `h / kv` times taller. Every score is the same dot product either way.
+///
 /// # Shapes
-/// `x`: `[batch, kv, seq, d]` → `[batch, kv * n_rep, seq, d]`
-fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
-    if n_rep == 1 {
-        return x;
+/// `q`: `[batch, h, seq, d]`, `k`, `v`: `[batch, kv, seq, d]`, `mask`: `[seq, seq]` (true = hidden)
+/// → `[batch, h, seq, d]`
+fn grouped_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<2, Bool>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor<4> {
+    let [batch, h, seq, d] = q.dims();
+    let kv = k.dims()[1];
+    let group = h / kv;
+    let mut scores = q
+        .reshape([batch, kv, group * seq, d])
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(scale)
+        .reshape([batch, kv, group, seq, seq]);
+    if let Some(cap) = softcap {
+        // **Attention soft-capping**, before the mask.
+        scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
     }
-    let [b, kv, seq, d] = x.dims();
-    x.reshape([b, kv, 1, seq, d])
-        .expand([b, kv, n_rep, seq, d])
-        .reshape([b, kv * n_rep, seq, d])
+    let scores = scores.mask_fill(
+        mask.unsqueeze::<5>().expand([batch, kv, group, seq, seq]),
+        f32::NEG_INFINITY,
+    );
+    let dtype = scores.dtype();
+    let probs = softmax(scores.cast(FloatDType::F32), 4).cast(dtype);
+    probs
+        .reshape([batch, kv, group * seq, seq])
+        .matmul(v)
+        .reshape([batch, h, seq, d])
 }
 
 /// **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`.
@@ -739,12 +758,56 @@ mod tests {
 
     #[test]
     fn gqa_shares_each_kv_head_with_consecutive_query_heads() {
-        // Two KV heads [a, b], four query heads: [a, a, b, b] (transformers' repeat_kv), not [a, b, a, b].
-        let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &dev());
-        assert_eq!(
-            repeat_kv(x, 2).try_to_vec_as::<f32>().unwrap(),
-            [1.0, 1.0, 2.0, 2.0]
+        // Two K/V heads whose values are a = 1 and b = 2, four query heads, one token (so each head's output is
+        // its K/V head's value): [a, a, b, b] (transformers' repeat_kv), not [a, b, a, b].
+        let q = Tensor::<4>::zeros([1, 4, 1, 1], &dev());
+        let k = Tensor::<4>::zeros([1, 2, 1, 1], &dev());
+        let v = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &dev());
+        let out = grouped_attention(q, k, v, attention_mask(1, None, &dev()), 1.0, None);
+        assert_eq!(out.dims(), [1, 4, 1, 1]);
+        assert_eq!(out.try_to_vec_as::<f32>().unwrap(), [1.0, 1.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn grouped_attention_equals_attention_over_repeated_heads() {
+        // Against the plain computation: each K/V head copied to its query heads, one matmul per head. Random
+        // values, three heads per group, three tokens and a sliding causal mask, so that a wrong stacking order of a group's
+        // queries (heads within a group swapped with positions) would mix rows and show.
+        let (batch, h, kv, seq, d) = (2, 6, 2, 3, 4);
+        let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([batch, h, seq, d], dist, &dev());
+        let k = Tensor::<4>::random([batch, kv, seq, d], dist, &dev());
+        let v = Tensor::<4>::random([batch, kv, seq, d], dist, &dev());
+        let mask = attention_mask(seq, Some(2), &dev());
+        let got = grouped_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.clone(),
+            0.5,
+            Some(5.0),
         );
+        let repeat = |x: Tensor<4>| {
+            x.reshape([batch, kv, 1, seq, d])
+                .expand([batch, kv, h / kv, seq, d])
+                .reshape([batch, h, seq, d])
+        };
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)).mul_scalar(0.5);
+        let scores = scores.div_scalar(5.0).tanh().mul_scalar(5.0).mask_fill(
+            mask.unsqueeze::<4>().expand([batch, h, seq, seq]),
+            f32::NEG_INFINITY,
+        );
+        let want = softmax(scores, 3).matmul(repeat(v));
+        let (got, want) = (
+            got.try_to_vec_as::<f32>().unwrap(),
+            want.try_to_vec_as::<f32>().unwrap(),
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "max |difference| {worst}");
     }
 
     #[test]
