@@ -987,7 +987,17 @@ fn clip_global_norm(
     let mut total: Option<Tensor<1>> = None;
     for id in ids {
         if let Some(g) = grads.get::<2>(*id) {
-            let sq = g.cast(FloatDType::F32).square().sum();
+            // A reduction along one axis of the gradient viewed as one row. On wgpu `sum()` runs burn's full
+            // sum instead, which first launches a kernel that zeroes its output and then adds partial sums into
+            // it: a launch more per trainable tensor and step (bench/kernels.sh), and an order of additions that
+            // is not fixed.
+            let n = g.shape().num_elements();
+            let sq = g
+                .cast(FloatDType::F32)
+                .reshape([1, n])
+                .square()
+                .sum_dim(1)
+                .reshape([1]);
             total = Some(match total {
                 Some(t) => t + sq,
                 None => sq,
@@ -1361,6 +1371,28 @@ mod tests {
             ..TrainConfig::default()
         };
         assert_eq!(two.total_steps(16), 4);
+    }
+
+    #[test]
+    fn clipping_scales_every_gradient_by_the_global_norm_of_the_unscaled_gradients() {
+        let device = Device::flex();
+        let t = |v: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, shape), &device);
+        let (a, b, absent) = (ParamId::new(), ParamId::new(), ParamId::new());
+        let mut grads = GradientsParams::new();
+        // Gradients of the loss times 2 (the loss scale): unscaled, [3, 0] and [0, 4]ᵀ, a global norm of 5.
+        grads.register(a, t(vec![6.0, 0.0], [1, 2]));
+        grads.register(b, t(vec![0.0, 8.0], [2, 1]));
+        let norm = clip_global_norm(&mut grads, &[a, b, absent], Some(1.0), 2.0).unwrap();
+        assert!((norm.try_to_vec_as::<f32>().unwrap()[0] - 5.0).abs() < 1e-5);
+        // Unscaled and clipped to norm 1: each divided by 2 and by 5.
+        let got = |grads: &GradientsParams, id| grads.get::<2>(id).unwrap().try_to_vec_as::<f32>().unwrap();
+        let (ga, gb) = (got(&grads, a), got(&grads, b));
+        assert!((ga[0] - 0.6).abs() < 1e-5 && ga[1] == 0.0, "{ga:?}");
+        assert!(gb[0] == 0.0 && (gb[1] - 0.8).abs() < 1e-5, "{gb:?}");
+        // Below the limit only the loss scale comes off.
+        let norm = clip_global_norm(&mut grads, &[a, b], Some(10.0), 1.0).unwrap();
+        assert!((norm.try_to_vec_as::<f32>().unwrap()[0] - 1.0).abs() < 1e-5);
+        assert!((got(&grads, b)[1] - 0.8).abs() < 1e-5);
     }
 
     #[test]
