@@ -142,19 +142,18 @@ impl Rope {
 /// `true` where a query may *not* look: the future, and for a sliding layer anything `window` or more tokens
 /// back (transformers: key `j` is visible to query `i` when `i - window < j <= i`).
 ///
+/// Built on the host and uploaded: burn's `tril_mask`/`triu_mask` make each mask from two `arange`s, each a
+/// fill and a cumulative sum on the device, then a comparison, so about a dozen kernel launches per pass
+/// for what is a copy.
+///
 /// # Shapes
 /// → `[seq, seq]`
 pub fn attention_mask(seq: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bool> {
-    let future = Tensor::<2, Bool>::tril_mask([seq, seq], 0, device); // true where j > i
-    match window {
-        // true where j - i < 1 - w, i.e. i - j >= w
-        Some(w) if w < seq => future.bool_or(Tensor::<2, Bool>::triu_mask(
-            [seq, seq],
-            1 - w as i64,
-            device,
-        )),
-        _ => future,
-    }
+    let hidden = |i: usize, j: usize| j > i || window.is_some_and(|w| i >= j + w);
+    let data: Vec<bool> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| hidden(i, j)))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [seq, seq]), device)
 }
 
 #[derive(Module, Debug)]
