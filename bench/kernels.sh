@@ -52,9 +52,9 @@ launches() {
 # how burn's fusion splits the evaluation and test passes into kernels varies from run to run (by hundreds of
 # launches), while a step's launches settle after its first few steps and then repeat exactly.
 per_step() {
-  local a b pa pb draws_a draws_b k
-  launches "$1" "$short" "${@:2}"; read -r a pa < "$tmp/count"; draws_a=$(grep -c 'Bernoulli' "$tmp/last.log" || true)
-  launches "$1" "$long" "${@:2}"; read -r b pb < "$tmp/count"; draws_b=$(grep -c 'Bernoulli' "$tmp/last.log" || true)
+  local pa pb draws_a draws_b k
+  launches "$1" "$short" "${@:2}"; read -r _ pa < "$tmp/count"; draws_a=$(grep -c 'Bernoulli' "$tmp/last.log" || true)
+  launches "$1" "$long" "${@:2}"; read -r _ pb < "$tmp/count"; draws_b=$(grep -c 'Bernoulli' "$tmp/last.log" || true)
   k=$(( (draws_b - draws_a) / (pb - pa) ))
   if [ "$k" -le 0 ]; then
     echo "kernels.sh: no dropout draws to find the steps by (train with dropout > 0)" >&2
