@@ -984,7 +984,7 @@ fn clip_global_norm(
     max: Option<f64>,
     loss_scale: f64,
 ) -> Option<Tensor<1>> {
-    let mut total: Option<Tensor<1>> = None;
+    let mut squares = Vec::with_capacity(ids.len());
     for id in ids {
         if let Some(g) = grads.get::<2>(*id) {
             // A reduction along one axis of the gradient viewed as one row. On wgpu `sum()` runs burn's full
@@ -998,13 +998,13 @@ fn clip_global_norm(
                 .square()
                 .sum_dim(1)
                 .reshape([1]);
-            total = Some(match total {
-                Some(t) => t + sq,
-                None => sq,
-            });
+            squares.push(sq);
         }
     }
-    let norm = total?.sqrt().div_scalar(loss_scale);
+    // All reductions first, then all additions: queued next to each other, the additions fuse into one kernel,
+    // where each one added right after its reduction was a launch of its own.
+    let total = squares.into_iter().reduce(|t, sq| t + sq)?;
+    let norm = total.sqrt().div_scalar(loss_scale);
     let factor = match max {
         Some(max) => Some(
             norm.clone()
