@@ -37,7 +37,7 @@ launches() {
     || { cat "$dir/train.log" >&2; exit 1; }
   # Step computations: an f16 step whose scaled gradients overflowed is computed again at half the scale.
   local overflows
-  overflows=$(grep -o '"overflows":[0-9]*' "$dir"/run/checkpoint-*/trainer_state.json | tail -1 | cut -d: -f2)
+  overflows=$(grep -o '"overflows": *[0-9]*' "$dir"/run/checkpoint-*/trainer_state.json | tail -1 | tr -dc 0-9 || true)
   echo "$(grep -c '^Executing' "$dir/launches.log") $(( $2 + ${overflows:-0} ))" > "$tmp/count"
   cp "$dir/launches.log" "$tmp/last.log"
   grep -o -m1 'precision: [a-z0-9]*' "$dir/train.log" > "$tmp/precision" || true
