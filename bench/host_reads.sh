@@ -65,9 +65,8 @@ for e in events:
         steps.append(cur)
     elif cur is not None:
         cur["reads" if e == "R" else "syncs"] += 1
-before = sum(1 for e in events[: events.index("S")] if e != "S") if "S" in events else len(events)
 with open(os.environ["HR_OUT"], "w") as f:
-    json.dump({"before_training": before, "steps": steps}, f)
+    json.dump({"steps": steps}, f)
 PYEOF
 
 "$trainer" prepare --data "$(realpath data/arena-sample.parquet)" --sample-percent 10 --out "$tmp/prepared" \
@@ -76,7 +75,7 @@ echo "host reads and device syncs per training step computation (tiny preset, ba
   "a log line every $logging steps)"
 for p in "${precisions[@]}"; do
   HR_BINARY="$trainer" HR_STEP="$step_at" HR_READ="$read_at" HR_SYNC="$sync_at" HR_OUT="$tmp/$p.json" \
-    gdb -q -batch -ex "python exec(open('$tmp/count.py').read())" --args "$trainer" train \
+    gdb -q -batch -x "$tmp/count.py" --args "$trainer" train \
       --prepared "$tmp/prepared" --preset tiny --lora-first-layer 0 --max-steps "$steps" --eval-steps 1000 \
       --logging-steps "$logging" --precision "$p" --device wgpu --out "$tmp/run-$p" > "$tmp/$p.log" 2>&1 \
     || { tail -20 "$tmp/$p.log" >&2; exit 1; }
