@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs what bench/gpu.sh needs on a GPU machine that has no Rust toolchain and no network: stripped release
-# binaries (trainer, bench_forward, bench_train) compressed together with xz, which shares their common code
-# (about 18 MB for the three), the Vulkan loader packages that machine lacks, and the Gemma tokenizer.
+# binaries (trainer, bench_forward, bench_train, and the two benchmarks built with burn's autotuning) compressed
+# together with xz, which shares their common code, the Vulkan loader packages that machine lacks, and the Gemma
+# tokenizer.
 #
 #   bash bench/gpu_pack.sh        # writes bench/out/gpu/ (ignored by git): carry that folder to the GPU machine
 #
@@ -15,6 +16,12 @@ rm -rf "$PACK" && mkdir -p "$PACK/bin" "$PACK/debs"
 cargo build --release -p trainer --bin trainer --example bench_forward --example bench_train
 for b in target/release/trainer target/release/examples/bench_forward target/release/examples/bench_train; do
   strip -o "$PACK/bin/$(basename "$b")" "$b"
+done
+# The two benchmarks again with burn's autotuning (the `autotune` feature), for gpu.sh to run side by side. Same
+# target directory: only the crates whose features differ are built twice, and xz stores mostly their differences.
+cargo build --release -p trainer --features autotune --example bench_forward --example bench_train
+for b in bench_forward bench_train; do
+  strip -o "$PACK/bin/${b}_autotune" "target/release/examples/$b"
 done
 tar -C "$PACK" -cf - bin | xz -9e --lzma2=preset=9,dict=192MiB -T1 > "$PACK/bin.tar.xz"
 rm -rf "$PACK/bin"

@@ -64,6 +64,7 @@ fn main() -> Result<()> {
             "batch": batch, "seq": seq, "iters": iters, "precision": if half { "f16" } else { "f32" },
             "flops_per_token": shared::model::flops::forward_flops_per_token(&loaded.model, seq),
             "peak_rss_mib": common::peak_rss_mib(),
+            "autotune": shared::model::placement::AUTOTUNE,
         })
     );
     Ok(())

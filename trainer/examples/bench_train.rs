@@ -125,6 +125,7 @@ fn main() -> Result<()> {
             "batch": batch, "seq": seq, "steps": steps, "precision": format!("{:?}", config.precision).to_lowercase(),
             "flops_per_token": flops,
             "peak_rss_mib": common::peak_rss_mib(),
+            "autotune": shared::model::placement::AUTOTUNE,
         })
     );
     Ok(())

@@ -27,6 +27,12 @@ pub struct Placement {
     pub software_adapter: bool,
 }
 
+/// This build times candidate kernels for each matmul and reduction shape on first use and keeps the fastest
+/// (burn's `autotune`, this crate's feature of the same name), instead of burn's fixed choice. Off by default: on
+/// an emulated GPU each candidate costs seconds of shader compilation, and what it is worth on a real GPU is for
+/// `bench/gpu.sh` to measure, which runs both builds.
+pub const AUTOTUNE: bool = cfg!(feature = "autotune");
+
 /// The storage-buffer binding size every WebGPU adapter supports (`maxStorageBufferBindingSize`'s default);
 /// assumed for a GPU whose limits were not read.
 pub const WEBGPU_DEFAULT_BINDING_BYTES: u64 = 128 << 20;
@@ -52,8 +58,12 @@ impl Placement {
     /// the wide weight never exists): on a hardware GPU. The CPU backend's quantized matmul does not compute
     /// the plain product, and an emulated GPU's is far slower than dequantizing first (see
     /// [`software_adapter`](Self::software_adapter)).
+    ///
+    /// Never in a build with burn's autotuning ([`AUTOTUNE`]): the autotuner's candidate kernels for the
+    /// quantized matmul either stop with an error or read out of bounds (a SIGSEGV on lavapipe), so packed
+    /// projections are dequantized first there, and only plain matmuls are tuned.
     pub fn packed_matmul_in_kernel(&self) -> bool {
-        is_gpu(&self.compute) && !self.software_adapter
+        is_gpu(&self.compute) && !self.software_adapter && !AUTOTUNE
     }
 
     /// Whether a tensor of `bytes` fits one binding on the compute device.
