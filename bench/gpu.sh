@@ -6,6 +6,8 @@
 #     and f32 against ours in f16 and f32; and at a batch that fills the GPU (BIG_BATCH x 512);
 #   - `trainer train` with default settings on the bundled real rows: rows/s and tokens/s from its log, and beside
 #     it the recipe's micro-batches of one row (--micro-batch-tokens 0), with the ratio;
+#   - where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh), and how
+#     much of a step the GPU spends waiting for the host;
 #   - our f16 forward and LoRA steps again with burn's autotuning, if the time budget leaves room for them.
 #
 # For a machine with no Rust toolchain and no network (an H200 lent through the device tool): run
@@ -80,6 +82,13 @@ step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sampl
 step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet \
   --out "$W/run-unpacked" --micro-batch-tokens 0 --max-steps 6 --logging-steps 2 --eval-steps 1000 --save-steps 1000
 [ -f "$W/run-unpacked/log.jsonl" ] && cp "$W/run-unpacked/log.jsonl" "$RES/trainer_train_unpacked_log.jsonl"
+# Where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh: cubecl times
+# every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above: the rest
+# is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
+step prof_fwd_f16 120 env STEPS=4 WARMUP=1 PROFILE_DIR="$W/prof_fwd_f16" \
+  bash bench/profile.sh "$BIN/bench_forward" "$M" wgpu 8 512 3 f16
+step prof_train_f16 120 env STEPS=4 WARMUP=1 PROFILE_DIR="$W/prof_train_f16" \
+  bash bench/profile.sh "$BIN/bench_train" "$M" wgpu 512 3 f16 1
 # burn's autotuning, side by side: the same benchmarks built with `--features autotune`, which time candidate
 # kernels for each matmul and reduction shape during the warm-up. Last, so that they only spend what the budget
 # leaves; a skipped one reads "failed or skipped" in the tables.
@@ -132,6 +141,27 @@ table("LoRA step, a batch that fills the GPU (target: >= PEFT, MFU >= 40%)", "to
     ("big_ours_f16", "arena-judge f16 base", "tokens_per_s", 1, "half"),
     ("big_ours_f16_autotune", "arena-judge f16 base, autotuned", "tokens_per_s", 1, "half"),
 ], "big_peft_sdpa", tr.get("flops_per_token"))
+def profile(name, timed, per_step_key, label):
+    p, t = load(name), load(timed)
+    if not p or "by_kind" not in p:
+        print(f"\n{label}: no profile (failed or skipped)")
+        return
+    print(f"\nWhere the device time goes, {label} ({p['launches_per_step']:,.0f} launches and "
+          f"{p['device_ms_per_step']:,.1f} ms of kernels per step; details in {name}.out)")
+    if t and per_step_key in t:
+        wall = 1000 * t[per_step_key]
+        busy = p["device_ms_per_step"] / wall
+        print(f"unprofiled step: {wall:,.1f} ms; its kernels add up to {100 * busy:.0f}% of it"
+              + (f", so the GPU waited {wall - p['device_ms_per_step']:,.1f} ms per step for the host" if busy <= 1
+                 else " (timed one by one, kernels took longer than back to back)"))
+    print("| kind | launches per step | ms per step | share |")
+    print("| --- | ---: | ---: | ---: |")
+    steps = p["steps"]
+    for kind, v in sorted(p["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"| {kind} | {v['launches'] / steps:,.0f} | {v['ms'] / steps:,.2f} | "
+              f"{100 * v['ms'] / p['device_ms']:.1f}% |")
+profile("prof_fwd_f16", "fwd_ours_f16", "seconds_per_batch", "forward f16, 8 x 512")
+profile("prof_train_f16", "train_ours_f16", "seconds_per_step", "LoRA step f16, 1 x 512")
 def last_log(name):
     try:
         return [json.loads(l) for l in open(os.path.join(res, name)) if '"train"' in l][-1]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Where a wgpu run's device time goes, kernel by kind of kernel: runs COMMAND with cubecl's profiling logger, which
+# times every kernel it launches (with the GPU's own timestamps where the adapter has them, else by waiting for
+# each kernel), and prints the time and launches of each kind (matmul, fused element-wise, reduction, copy, ...)
+# with its share, the kernels that took longest, and a JSON summary as the last line.
+#
+# The issue this answers: which means (fused attention, fused norms, fewer launches, faster matmuls) would buy
+# the most on a GPU. Set STEPS to the number of step computations COMMAND runs (the benchmarks: timed steps + 1
+# warm-up) and it also prints the device time per step, which bench/gpu.sh sets against the same benchmark's
+# step time unprofiled: what is left is time the GPU waited for the host. Timing every kernel serialises them,
+# so a profiled run's own wall time says nothing; its kernels' durations do. On lavapipe the split says where an
+# emulator's time goes, not a GPU's: run it there to check the script, on a GPU to read it.
+#
+#   bash bench/profile.sh target/debug/trainer train --preset tiny --lora-first-layer 0 --max-steps 2 \
+#     --data data/arena-sample.parquet --sample-percent 10 --out /tmp/prof-run
+#   STEPS=11 bash bench/profile.sh bench/out/gpu/bin/bench_train /tmp/gemma2-2b wgpu 512 10 f16 1
+#
+# COMMAND runs in a scratch directory (cubecl reads its configuration from the working directory): paths in it
+# may be relative to the repository root, they are made absolute. The log stays in $PROFILE_DIR if set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+dir=${PROFILE_DIR:-$(mktemp -d)}
+mkdir -p "$dir"
+[ -n "${PROFILE_DIR:-}" ] || trap 'rm -rf "$dir"' EXIT
+args=()
+for a in "$@"; do
+  if [ -e "$a" ]; then args+=("$(realpath "$a")"); else args+=("$a"); fi
+done
+# Paths that COMMAND creates (an --out directory) do not exist yet: make those that look relative to the
+# repository absolute too, when their parent does.
+for i in "${!args[@]}"; do
+  a=${args[$i]}
+  if [[ $a != /* && $a == */* && -d $(dirname "$a") ]]; then args[$i]="$(realpath -m "$a")"; fi
+done
+printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$dir" > "$dir/cubecl.toml"
+(cd "$dir" && "${args[@]}" > "$dir/command.out" 2> "$dir/command.err") || {
+  rc=$?; echo "profile.sh: the command failed (exit $rc):" >&2; tail -n 20 "$dir/command.err" >&2; exit "$rc"
+}
+[ -s "$dir/profile.log" ] || { echo "profile.sh: cubecl logged no kernel (is it a wgpu run?)" >&2; exit 1; }
+PROFILE_LOG="$dir/profile.log" STEPS="${STEPS:-}" WARMUP="${WARMUP:-}" python3 bench/profile_summary.py
