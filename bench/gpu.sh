@@ -85,9 +85,9 @@ step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/ar
 # Where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh: cubecl times
 # every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above: the rest
 # is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
-step prof_fwd_f16 120 env STEPS=4 WARMUP=1 PROFILE_DIR="$W/prof_fwd_f16" \
+step prof_fwd_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_fwd_f16" \
   bash bench/profile.sh "$BIN/bench_forward" "$M" wgpu 8 512 3 f16
-step prof_train_f16 120 env STEPS=4 WARMUP=1 PROFILE_DIR="$W/prof_train_f16" \
+step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
   bash bench/profile.sh "$BIN/bench_train" "$M" wgpu 512 3 f16 1
 # burn's autotuning, side by side: the same benchmarks built with `--features autotune`, which time candidate
 # kernels for each matmul and reduction shape during the warm-up. Last, so that they only spend what the budget
@@ -119,7 +119,11 @@ def table(title, unit, rows, ref_name, flops):
             continue
         v = r[key]
         ratio = f"{v / ref[key]:.2f}x" if ref and key in ref else "-"
-        print(f"| {label} | {v:,.1f} | {ratio} | {mfu(v * scale, flops, kind)} |")
+        # An f16 step whose scaled gradients overflowed is computed again: bench_train warms up until a step
+        # no longer does, and says how many timed steps still did.
+        n = r.get("timed_overflows") or 0
+        again = f" ({n} timed step{'s' if n > 1 else ''} computed again)" if n else ""
+        print(f"| {label}{again} | {v:,.1f} | {ratio} | {mfu(v * scale, flops, kind)} |")
 fwd = load("fwd_ours_f16") or {}
 table("Forward, batch 8 x 512 (target: ours >= PyTorch bf16 sdpa)", "rows/s", [
     ("fwd_torch_sdpa", "PyTorch bf16, sdpa", "rows_per_s", 512, "half"),

@@ -5,21 +5,22 @@
 # with its share, the kernels that took longest, and a JSON summary as the last line.
 #
 # The issue this answers: which means (fused attention, fused norms, fewer launches, faster matmuls) would buy
-# the most on a GPU. Set STEPS to the number of step computations COMMAND runs (the benchmarks: timed steps + 1
-# warm-up) and it also prints the device time per step, which bench/gpu.sh sets against the same benchmark's
+# the most on a GPU. Set STEPS to the number of timed steps that end COMMAND's run (the benchmarks: their STEPS
+# or ITERS argument) and it reports those steps alone, found as the run's last STEPS equal runs of launches
+# (a warm-up launches more), with the device time per step, which bench/gpu.sh sets against the same benchmark's
 # step time unprofiled: what is left is time the GPU waited for the host. Timing every kernel serialises them,
 # so a profiled run's own wall time says nothing; its kernels' durations do. On lavapipe the split says where an
 # emulator's time goes, not a GPU's: run it there to check the script, on a GPU to read it.
 #
 #   bash bench/profile.sh target/debug/trainer train --preset tiny --lora-first-layer 0 --max-steps 2 \
-#     --data data/arena-sample.parquet --sample-percent 10 --out /tmp/prof-run
-#   STEPS=11 bash bench/profile.sh bench/out/gpu/bin/bench_train /tmp/gemma2-2b wgpu 512 10 f16 1
+#     --eval-steps 1000 --data data/arena-sample.parquet --device wgpu --out /tmp/prof-run   # the whole run
+#   STEPS=3 bash bench/profile.sh target/debug/examples/bench_train DIR wgpu 512 3 f16 1   # DIR: an HF model
 #
 # COMMAND runs in a scratch directory (cubecl reads its configuration from the working directory): paths in it
 # may be relative to the repository root, they are made absolute. The log stays in $PROFILE_DIR if set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
 dir=${PROFILE_DIR:-$(mktemp -d)}
 mkdir -p "$dir"
 [ -n "${PROFILE_DIR:-}" ] || trap 'rm -rf "$dir"' EXIT

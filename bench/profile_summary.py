@@ -1,11 +1,11 @@
 """Summarises a cubecl profiling log (bench/profile.sh): device time and launches by kind of kernel.
 
 Reads PROFILE_LOG (lines "| <duration> | <kernel name>", one per launch in launch order, as cubecl's profiling
-logger writes them at level "basic"), STEPS (optional: the step computations in the run, for the time per step)
-and WARMUP (optional, with STEPS: how many of them come first and are left out, since a first step also waits
-for each new kernel's pipeline; its launches are taken to be the first WARMUP/STEPS of all, as every step of a
-benchmark launches the same kernels). Prints a table by kind, the kernels that took longest, and a JSON summary
-as its last line.
+logger writes them at level "basic") and STEPS (optional: how many timed steps end the run, after its warm-up).
+With STEPS it reports only those steps, found as the run's last STEPS equal runs of launches (see step_period),
+and gives figures per step; where the last steps differ, it says so and leaves out the first WARMUP (default 1)
+of STEPS + WARMUP equal shares instead. Prints a table by kind, the kernels that took longest, and a JSON
+summary as its last line.
 """
 
 import json
@@ -14,7 +14,8 @@ import re
 import sys
 from collections import defaultdict
 
-LINE = re.compile(r"\|\s*([0-9.]+)\s*(ns|µs|us|ms|s)\s*\|\s*(\S.*?)\s*$")
+# Anchored at the line's start: the summary table cubecl also writes to the log has the duration in a later column.
+LINE = re.compile(r"^\|\s*([0-9.]+)\s*(ns|µs|us|ms|s)\s*\|\s*(\S.*?)\s*$")
 UNIT_MS = {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 # Kinds by the kernel's name, first match wins. The order matters: a fused kernel that ends in a matmul or a
@@ -44,12 +45,22 @@ def short(name, width=90):
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+def step_period(names, steps):
+    """The launches of one step: the largest p such that the last steps * p launches are `steps` equal runs of p
+    kernels, or None. Every step of a settled run launches the same kernels in the same order, while warm-up steps
+    launch more (each new pipeline's first use, an f16 step computed again after an overflow, autotuning's
+    candidates), so the run's tail repeats with the step's period. The largest p, since parts of a step repeat
+    too (the optimizer's update of same-shaped tensors)."""
+    for p in range(len(names) // steps, 0, -1):
+        if all(names[-i] == names[-i - p] for i in range(1, (steps - 1) * p + 1)):
+            return p
+    return None
+
+
 def main():
     path = os.environ["PROFILE_LOG"]
     steps = int(os.environ["STEPS"]) if os.environ.get("STEPS") else None
-    warmup = int(os.environ.get("WARMUP") or 0)
-    if warmup and not (steps and steps > warmup):
-        sys.exit("profile_summary: WARMUP needs STEPS larger than it")
+    warmup = int(os.environ.get("WARMUP") or 1)
     by_kind = defaultdict(lambda: [0, 0.0])
     by_name = defaultdict(lambda: [0, 0.0])
     unmeasured = 0
@@ -62,9 +73,16 @@ def main():
             m = LINE.search(line)
             if m:
                 launches_in_order.append((m.group(3), float(m.group(1)) * UNIT_MS[m.group(2)]))
-    skipped = round(len(launches_in_order) * warmup / steps) if warmup else 0
-    if warmup:
-        steps -= warmup
+    skipped = 0
+    if steps:
+        period = step_period([n for n, _ in launches_in_order], steps) if steps > 1 else None
+        if period:
+            skipped = len(launches_in_order) - steps * period
+        else:
+            skipped = round(len(launches_in_order) * warmup / (steps + warmup))
+            print(f"profile_summary: the last {steps} steps did not launch the same kernels; taking the warm-up "
+                  f"as the first {warmup} of {steps + warmup} equal shares of the launches, per-step figures are "
+                  "approximate", file=sys.stderr)
     for name, ms in launches_in_order[skipped:]:
         for table, key in ((by_kind, kind_of(name)), (by_name, name)):
             table[key][0] += 1
@@ -76,8 +94,7 @@ def main():
 
     print(f"{launches:,} kernel launches, {total_ms:,.1f} ms of device time"
           + (f" ({unmeasured} not measured)" if unmeasured else "")
-          + (f", leaving out the first {skipped:,} ({warmup} warm-up step{'s' if warmup > 1 else ''})"
-             if skipped else "")
+          + (f", leaving out the first {skipped:,} (the warm-up)" if skipped else "")
           + (f", {total_ms / steps:,.2f} ms and {launches / steps:,.0f} launches per step over {steps} steps"
              if steps else ""))
     print("\n| kind | launches | device time (ms) | share | mean per launch (µs) |")

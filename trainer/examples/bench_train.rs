@@ -6,8 +6,10 @@
 //!     cargo run --release -p trainer --example bench_train -- MODEL_DIR [cpu|wgpu] [SEQ] [STEPS] [f32|f16|bf16] [BATCH]
 //!
 //! With `f16` (or `bf16`) the frozen base is in half precision and adapters, head and optimizer state in f32, as
-//! `trainer train` does on a GPU; f16 scales the loss as `trainer train` does (one read-back per step). The JSON line also gives the model FLOPs per token
-//! (`shared::model::flops::training_flops_per_token`), from which the scripts compute MFU for both sides.
+//! `trainer train` does on a GPU; f16 scales the loss as `trainer train` does (one read-back per step), and the
+//! warm-up lasts until a step no longer overflows (`warmup_steps`, `warmup_overflows` and `timed_overflows` in the
+//! JSON). The JSON line also gives the model FLOPs per token (`shared::model::flops::training_flops_per_token`),
+//! from which the scripts compute MFU for both sides.
 
 use std::time::Instant;
 
@@ -21,6 +23,9 @@ use shared::data::Label;
 use shared::model::lora::LoraConfig;
 use shared::split::SplitMix64;
 use shared::train::{Precision, TrainConfig, for_training, train_step, trainable_ids};
+
+/// Warm-up steps at most: 16 halvings take the loss scale from 65,536 to 1.
+const MAX_WARMUP_STEPS: usize = 17;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -70,8 +75,8 @@ fn main() -> Result<()> {
     // Random rows of SEQ tokens with random labels, a fresh micro-batch each step.
     let vocab = loaded.config.vocab_size as u64;
     let mut rng = SplitMix64::new(0);
-    let mut split = PreparedSplit::with_capacity(batch * (steps + 1));
-    for i in 0..batch * (steps + 1) {
+    let mut split = PreparedSplit::with_capacity(batch * (MAX_WARMUP_STEPS + steps));
+    for i in 0..batch * (MAX_WARMUP_STEPS + steps) {
         let ids: Vec<u32> = (0..seq).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
         let meta = RowMeta {
             id: i.to_string(),
@@ -107,12 +112,26 @@ fn main() -> Result<()> {
         out.loss
             .try_to_vec_as::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        Ok(model)
+        Ok((model, scaler.as_ref().map_or(0, |s| s.overflows)))
     };
-    model = step(model, 0)?; // warm-up: shader compilation, autotune, allocations
+    // Warm-up: shader compilation, autotune, allocations. In f16 also until a step no longer overflows: the loss
+    // scale starts at 65,536 and halves at each overflow, computing that step again, which happens in a run's
+    // first steps only (a long run settles); timing those would charge a run's every step for them. Every step
+    // takes rows of its own, the warm-up's too, so that a clean warm-up step is not just rows seen before.
+    let mut warmup_steps = 0;
+    let mut overflows = 0;
+    loop {
+        let before = overflows;
+        (model, overflows) = step(model, warmup_steps)?;
+        warmup_steps += 1;
+        if overflows == before || warmup_steps == MAX_WARMUP_STEPS {
+            break;
+        }
+    }
+    let warmup_overflows = overflows;
     let start = Instant::now();
-    for s in 1..=steps {
-        model = step(model, s)?;
+    for s in warmup_steps..warmup_steps + steps {
+        (model, overflows) = step(model, s)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let flops =
@@ -126,6 +145,9 @@ fn main() -> Result<()> {
             "flops_per_token": flops,
             "peak_rss_mib": common::peak_rss_mib(),
             "autotune": shared::model::placement::AUTOTUNE,
+            "warmup_steps": warmup_steps,
+            "warmup_overflows": warmup_overflows,
+            "timed_overflows": overflows - warmup_overflows,
         })
     );
     Ok(())
