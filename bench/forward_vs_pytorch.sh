@@ -24,14 +24,14 @@ if [ -z "${PY:-}" ]; then
 fi
 MODEL="bench/out/gemma2-$PRESET"
 [ -f "$MODEL/config.json" ] || "$PY" bench/forward_vs_pytorch.py make "$MODEL" --preset "$PRESET"
-cargo build -q --release -p trainer --example bench_forward
+cargo build -q --release -p trainer --bin trainer
 
 if [ "$DEVICE" = gpu ]; then torch_dev=cuda; burn_devs="wgpu"; else torch_dev=cpu; burn_devs="cpu wgpu"; fi
 py=$("$PY" bench/forward_vs_pytorch.py run "$MODEL" "$torch_dev" "$BATCH" "$SEQ" "$ITERS" | tail -n 1)
 echo "pytorch ($torch_dev): $py"
 results="{\"preset\": \"$PRESET\", \"pytorch\": $py"
 for d in $burn_devs; do
-  r=$(./target/release/examples/bench_forward "$MODEL" "$d" "$BATCH" "$SEQ" "$ITERS" 2>/dev/null | tail -n 1)
+  r=$(./target/release/trainer bench forward "$MODEL" "$d" "$BATCH" "$SEQ" "$ITERS" 2>/dev/null | tail -n 1)
   echo "arena-judge ($d): $r"
   results="$results, \"burn_$d\": $r"
 done

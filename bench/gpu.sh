@@ -8,16 +8,23 @@
 #     it the recipe's micro-batches of one row (--micro-batch-tokens 0), with the ratio;
 #   - where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh), and how
 #     much of a step the GPU spends waiting for the host;
-#   - our f16 forward and LoRA steps again with burn's autotuning, if the time budget leaves room for them.
+#   - with PART=autotune, in a second call: our f16 forward and LoRA steps built with burn's autotuning, beside
+#     the default build's (where that call still finds it) and PyTorch's.
 #
 # For a machine with no Rust toolchain and no network (an H200 lent through the device tool): run
-# bench/gpu_pack.sh here first, carry bench/out/gpu, and run this script there from the repository root. It
-# builds nothing, uses that machine's python3 (torch, transformers, peft), gives every step its own timeout,
-# stops starting new steps after BUDGET seconds (default 420, so the whole run stays under 8 minutes), and writes
-# its log and results to $OUT (the device tool's folder) or bench/out.
+# bench/gpu_pack.sh here first, carry bench/out/gpu and run this script there from the repository root; then,
+# as a second call (what one call carries is limited to 64 MiB), carry bench/out/gpu-autotune and run
+# `PART=autotune bash bench/gpu.sh`. It builds nothing, uses that machine's python3 (torch, transformers, peft),
+# gives every step its own timeout, stops starting new steps after BUDGET seconds (default 420, so a run stays
+# under 8 minutes), and writes its log and results to $OUT (the device tool's folder) or bench/out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PACK=bench/out/gpu
+PART=${PART:-main}
+case $PART in
+  main) PACK=bench/out/gpu ;;
+  autotune) PACK=bench/out/gpu-autotune ;;
+  *) echo "gpu.sh: PART is main or autotune, not '$PART'" >&2; exit 2 ;;
+esac
 RES=${OUT:-bench/out}/gpu
 BUDGET=${BUDGET:-420}
 BIG_BATCH=${BIG_BATCH:-16}
@@ -51,52 +58,67 @@ if [ -f "$icd" ]; then
   export VK_DRIVER_FILES=$icd __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
 xz -dc "$PACK/bin.tar.xz" | tar -C "$W" -xf -
-xz -dc "$PACK/tokenizer.json.xz" > "$W/tokenizer.json"
+# The second call finds the first call's folder if the machine stayed warm between them (ignored paths stay).
+[ "$PART" = autotune ] && [ -f bench/out/gpu/bin.tar.xz ] && xz -dc bench/out/gpu/bin.tar.xz | tar -C "$W" -xf -
+[ -f "$PACK/tokenizer.json.xz" ] && xz -dc "$PACK/tokenizer.json.xz" > "$W/tokenizer.json"
 BIN=$W/bin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$RES/log.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$RES/log.txt"
 
 M=$W/gemma2-2b
-step make 120 python3 bench/forward_vs_pytorch.py make "$M" --preset 2b --device cuda --dtype bfloat16
-cp "$W/tokenizer.json" "$M/"
+[ -f "$M/config.json" ] || step make 120 python3 bench/forward_vs_pytorch.py make "$M" --preset 2b --device cuda --dtype bfloat16
+[ -f "$W/tokenizer.json" ] && cp "$W/tokenizer.json" "$M/"
 
-# Forward, 8 x 512.
-step fwd_torch_sdpa 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 sdpa
-step fwd_torch_eager 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 eager
-step fwd_ours_f16 120 "$BIN/bench_forward" "$M" wgpu 8 512 10 f16
-# A LoRA step, 1 x 512, and a batch that fills the GPU.
-step train_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 sdpa 1
-step train_peft_eager 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 eager 1
-step train_peft_f32 90 python3 bench/train_peft.py "$M" cuda 512 10 float32 eager 1
-step train_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 10 f16 1
-step train_ours_f32 120 "$BIN/bench_train" "$M" wgpu 512 10 f32 1
-step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
-step big_ours_f16 120 "$BIN/bench_train" "$M" wgpu 512 5 f16 "$BIG_BATCH"
-# `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated, each step's 8 rows
-# computed as one micro-batch of up to 4096 padded tokens) on the real sample rows; then, side by side, the same
-# with the recipe's micro-batches of one row (--micro-batch-tokens 0), for fewer steps.
-rm -rf "$W/run" "$W/run-unpacked"
-step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet --out "$W/run" \
-  --max-steps 12 --logging-steps 2 --eval-steps 1000 --save-steps 1000
-[ -f "$W/run/log.jsonl" ] && cp "$W/run/log.jsonl" "$RES/trainer_train_log.jsonl"
-step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet \
-  --out "$W/run-unpacked" --micro-batch-tokens 0 --max-steps 6 --logging-steps 2 --eval-steps 1000 --save-steps 1000
-[ -f "$W/run-unpacked/log.jsonl" ] && cp "$W/run-unpacked/log.jsonl" "$RES/trainer_train_unpacked_log.jsonl"
-# Where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh: cubecl times
-# every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above: the rest
-# is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
-step prof_fwd_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_fwd_f16" \
-  bash bench/profile.sh "$BIN/bench_forward" "$M" wgpu 8 512 3 f16
-step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
-  bash bench/profile.sh "$BIN/bench_train" "$M" wgpu 512 3 f16 1
-# burn's autotuning, side by side: the same benchmarks built with `--features autotune`, which time candidate
-# kernels for each matmul and reduction shape during the warm-up. Last, so that they only spend what the budget
-# leaves; a skipped one reads "failed or skipped" in the tables.
-step fwd_ours_f16_autotune 120 "$BIN/bench_forward_autotune" "$M" wgpu 8 512 10 f16
-step train_ours_f16_autotune 120 "$BIN/bench_train_autotune" "$M" wgpu 512 10 f16 1
-step big_ours_f16_autotune 120 "$BIN/bench_train_autotune" "$M" wgpu 512 5 f16 "$BIG_BATCH"
+if [ "$PART" = autotune ]; then
+  # burn's autotuning: the same benchmarks in a build with `--features autotune`, which times candidate kernels
+  # for each matmul and reduction shape during the warm-up; then the default build's (if this machine still has
+  # it) and PyTorch's, side by side, as far as the budget goes.
+  # Each autotuned run next to its default-build and PyTorch counterparts, so that whatever the budget cuts, the
+  # runs that did happen come in comparable pairs.
+  default=$([ -x "$BIN/trainer" ] && echo yes)
+  [ -n "$default" ] || log "the default build is not on this machine (a fresh one): its figures come from the first call"
+  step fwd_ours_f16_autotune 150 "$BIN/trainer_autotune" bench forward "$M" wgpu 8 512 10 f16
+  [ -n "$default" ] && step fwd_ours_f16 120 "$BIN/trainer" bench forward "$M" wgpu 8 512 10 f16
+  step fwd_torch_sdpa 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 sdpa
+  step train_ours_f16_autotune 150 "$BIN/trainer_autotune" bench train "$M" wgpu 512 10 f16 1
+  [ -n "$default" ] && step train_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f16 1
+  step train_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 sdpa 1
+  step big_ours_f16_autotune 150 "$BIN/trainer_autotune" bench train "$M" wgpu 512 5 f16 "$BIG_BATCH"
+  [ -n "$default" ] && step big_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 5 f16 "$BIG_BATCH"
+  step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
+else
+  # Forward, 8 x 512.
+  step fwd_torch_sdpa 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 sdpa
+  step fwd_torch_eager 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 eager
+  step fwd_ours_f16 120 "$BIN/trainer" bench forward "$M" wgpu 8 512 10 f16
+  # A LoRA step, 1 x 512, and a batch that fills the GPU.
+  step train_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 sdpa 1
+  step train_peft_eager 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 eager 1
+  step train_peft_f32 90 python3 bench/train_peft.py "$M" cuda 512 10 float32 eager 1
+  step train_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f16 1
+  step train_ours_f32 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f32 1
+  step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
+  step big_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 5 f16 "$BIG_BATCH"
+  # `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated, each step's 8 rows
+  # computed as one micro-batch of up to 4096 padded tokens) on the real sample rows; then, side by side, the
+  # same with the recipe's micro-batches of one row (--micro-batch-tokens 0), for fewer steps.
+  rm -rf "$W/run" "$W/run-unpacked"
+  step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet --out "$W/run" \
+    --max-steps 12 --logging-steps 2 --eval-steps 1000 --save-steps 1000
+  [ -f "$W/run/log.jsonl" ] && cp "$W/run/log.jsonl" "$RES/trainer_train_log.jsonl"
+  step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet \
+    --out "$W/run-unpacked" --micro-batch-tokens 0 --max-steps 6 --logging-steps 2 --eval-steps 1000 --save-steps 1000
+  [ -f "$W/run-unpacked/log.jsonl" ] && cp "$W/run-unpacked/log.jsonl" "$RES/trainer_train_unpacked_log.jsonl"
+  # Where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh: cubecl
+  # times every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above:
+  # the rest is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
+  step prof_fwd_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_fwd_f16" \
+    bash bench/profile.sh "$BIN/trainer" bench forward "$M" wgpu 8 512 3 f16
+  step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
+    bash bench/profile.sh "$BIN/trainer" bench train "$M" wgpu 512 3 f16 1
+fi
 
-RES="$RES" PEAK_HALF="$PEAK_HALF" PEAK_F32="$PEAK_F32" python3 - <<'PYEOF' | tee -a "$RES/log.txt"
+RES="$RES" PART="$PART" PEAK_HALF="$PEAK_HALF" PEAK_F32="$PEAK_F32" python3 - <<'PYEOF' | tee -a "$RES/log.txt"
 import json, os
 res = os.environ["RES"]
 def load(name):
@@ -119,7 +141,7 @@ def table(title, unit, rows, ref_name, flops):
             continue
         v = r[key]
         ratio = f"{v / ref[key]:.2f}x" if ref and key in ref else "-"
-        # An f16 step whose scaled gradients overflowed is computed again: bench_train warms up until a step
+        # An f16 step whose scaled gradients overflowed is computed again: `trainer bench train` warms up until a step
         # no longer does, and says how many timed steps still did.
         n = r.get("timed_overflows") or 0
         again = f" ({n} timed step{'s' if n > 1 else ''} computed again)" if n else ""
@@ -164,6 +186,15 @@ def profile(name, timed, per_step_key, label):
     for kind, v in sorted(p["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
         print(f"| {kind} | {v['launches'] / steps:,.0f} | {v['ms'] / steps:,.2f} | "
               f"{100 * v['ms'] / p['device_ms']:.1f}% |")
+if os.environ["PART"] == "autotune":
+    print()
+    for tuned, plain, key, label in [("fwd_ours_f16_autotune", "fwd_ours_f16", "rows_per_s", "forward 8 x 512"),
+                                     ("train_ours_f16_autotune", "train_ours_f16", "tokens_per_s", "LoRA step 1 x 512"),
+                                     ("big_ours_f16_autotune", "big_ours_f16", "tokens_per_s", "LoRA step, big batch")]:
+        a, b = load(tuned), load(plain)
+        if a and b and key in a and key in b:
+            print(f"autotuned, {label}: {a[key] / b[key]:.2f}x the default build")
+    raise SystemExit
 profile("prof_fwd_f16", "fwd_ours_f16", "seconds_per_batch", "forward f16, 8 x 512")
 profile("prof_train_f16", "train_ours_f16", "seconds_per_step", "LoRA step f16, 1 x 512")
 def last_log(name):

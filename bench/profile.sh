@@ -14,25 +14,22 @@
 #
 #   bash bench/profile.sh target/debug/trainer train --preset tiny --lora-first-layer 0 --max-steps 2 \
 #     --eval-steps 1000 --data data/arena-sample.parquet --device wgpu --out /tmp/prof-run   # the whole run
-#   STEPS=3 bash bench/profile.sh target/debug/examples/bench_train DIR wgpu 512 3 f16 1   # DIR: an HF model
+#   STEPS=3 bash bench/profile.sh target/debug/trainer bench train DIR wgpu 512 3 f16 1   # DIR: an HF model
 #
 # COMMAND runs in a scratch directory (cubecl reads its configuration from the working directory): paths in it
-# may be relative to the repository root, they are made absolute. The log stays in $PROFILE_DIR if set.
+# (words with a '/') may be relative to the repository root, they are made absolute. The log stays in
+# $PROFILE_DIR if set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,21p' "$0" >&2; exit 2; }
 dir=${PROFILE_DIR:-$(mktemp -d)}
 mkdir -p "$dir"
 [ -n "${PROFILE_DIR:-}" ] || trap 'rm -rf "$dir"' EXIT
+# Arguments that look like paths (they hold a '/') and exist, or whose folder exists (an --out to be made), are
+# made absolute; bare words (`bench`, `train`, `wgpu`) are left alone even where a file of that name exists here.
 args=()
 for a in "$@"; do
-  if [ -e "$a" ]; then args+=("$(realpath "$a")"); else args+=("$a"); fi
-done
-# Paths that COMMAND creates (an --out directory) do not exist yet: make those that look relative to the
-# repository absolute too, when their parent does.
-for i in "${!args[@]}"; do
-  a=${args[$i]}
-  if [[ $a != /* && $a == */* && -d $(dirname "$a") ]]; then args[$i]="$(realpath -m "$a")"; fi
+  if [[ $a == */* && $a != /* && ( -e $a || -d $(dirname "$a") ) ]]; then args+=("$(realpath -m "$a")"); else args+=("$a"); fi
 done
 printf '[profiling.logger]\nlevel = "basic"\nfile = "%s/profile.log"\nappend = false\n' "$dir" > "$dir/cubecl.toml"
 (cd "$dir" && "${args[@]}" > "$dir/command.out" 2> "$dir/command.err") || {

@@ -1,4 +1,4 @@
-"""PyTorch + PEFT side of the LoRA training benchmark: the same loop as trainer/examples/bench_train.rs.
+"""PyTorch + PEFT side of the LoRA training benchmark: the same loop as `trainer bench train` (trainer/src/bench.rs).
 
     python bench/train_peft.py MODEL_DIR [cpu|cuda] SEQ STEPS [float32|bfloat16] [eager|sdpa] [BATCH]
 

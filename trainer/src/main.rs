@@ -30,6 +30,7 @@ macro_rules! out_raw {
     }};
 }
 
+mod bench;
 mod run;
 
 #[derive(Parser)]
@@ -59,6 +60,57 @@ enum Command {
     Export(ExportArgs),
     /// The whole pipeline on the bundled sample in minutes: prepare, train a small random model, eval, export.
     Demo(DemoArgs),
+    /// Throughput on random rows at a fixed length, as one JSON line: the forward pass or a LoRA training step.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `trainer bench`: what the benchmark scripts run beside PyTorch (bench/). Positional, in the order the scripts
+/// pass them.
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Rows per second of the classifier's forward pass (what `trainer predict` runs) on one batch.
+    Forward {
+        /// A Hugging Face Gemma-2 directory (config.json, model.safetensors).
+        model: PathBuf,
+        #[arg(value_enum, default_value = "wgpu")]
+        device: DeviceArg,
+        #[arg(default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+        #[arg(default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        seq: u32,
+        /// Timed passes, after one warm-up pass.
+        #[arg(default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        iters: u32,
+        /// Precision of weights and activations.
+        #[arg(value_enum, default_value = "f32")]
+        dtype: BenchDtype,
+    },
+    /// Tokens per second of a LoRA training step (forward, backward, clipping, AdamW) with the recipe's adapters.
+    Train {
+        /// A Hugging Face Gemma-2 directory (config.json, model.safetensors).
+        model: PathBuf,
+        #[arg(value_enum, default_value = "wgpu")]
+        device: DeviceArg,
+        #[arg(default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        seq: u32,
+        /// Timed steps, after the warm-up (in f16, until a step no longer overflows).
+        #[arg(default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        steps: u32,
+        /// Precision of the frozen base (adapters, head and optimizer state stay f32).
+        #[arg(value_enum, default_value = "f32")]
+        dtype: BenchDtype,
+        /// Rows per step, computed as one micro-batch.
+        #[arg(default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum BenchDtype {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(clap::Args)]
@@ -401,7 +453,57 @@ fn main() -> Result<()> {
         Command::Eval(args) => cmd_eval(args),
         Command::Export(args) => cmd_export(args),
         Command::Demo(args) => cmd_demo(args),
+        Command::Bench(what) => cmd_bench(what),
     }
+}
+
+fn cmd_bench(what: BenchCommand) -> Result<()> {
+    let result = match what {
+        BenchCommand::Forward {
+            model,
+            device,
+            batch,
+            seq,
+            iters,
+            dtype,
+        } => {
+            if dtype == BenchDtype::Bf16 {
+                bail!("bench forward runs in f32 or f16 (as trainer predict does), not bf16");
+            }
+            bench::forward(
+                &model,
+                &device.device()?,
+                batch as usize,
+                seq as usize,
+                iters as usize,
+                dtype == BenchDtype::F16,
+            )
+        }
+        BenchCommand::Train {
+            model,
+            device,
+            seq,
+            steps,
+            dtype,
+            batch,
+        } => {
+            let precision = match dtype {
+                BenchDtype::F32 => shared::train::Precision::F32,
+                BenchDtype::F16 => shared::train::Precision::F16,
+                BenchDtype::Bf16 => shared::train::Precision::Bf16,
+            };
+            bench::train(
+                &model,
+                &device.device()?,
+                seq as usize,
+                steps as usize,
+                precision,
+                batch as usize,
+            )
+        }
+    }?;
+    out!("{result}");
+    Ok(())
 }
 
 fn cmd_train(args: TrainArgs) -> Result<()> {

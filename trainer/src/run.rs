@@ -266,7 +266,11 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
 /// The device in a line: the adapter's name, its graphics API and the shader language its kernels compile to
 /// (SPIR-V on Vulkan, MSL on Metal, WGSL elsewhere) and whether this build autotunes them, or the CPU backend.
 pub fn describe_device(device: &Device) -> String {
-    let tuned = if shared::model::placement::AUTOTUNE { ", autotuned kernels" } else { "" };
+    let tuned = if shared::model::placement::AUTOTUNE {
+        ", autotuned kernels"
+    } else {
+        ""
+    };
     match device.identity() {
         Some(id) => match shared::model::placement::opened_adapter() {
             Some(api) => format!("{} ({api}{tuned})", id.name),
