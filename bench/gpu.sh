@@ -16,7 +16,8 @@
 # as a second call (what one call carries is limited to 64 MiB), carry bench/out/gpu-autotune and run
 # `PART=autotune bash bench/gpu.sh`. It builds nothing, uses that machine's python3 (torch, transformers, peft),
 # gives every step its own timeout, stops starting new steps after BUDGET seconds (default 420, so a run stays
-# under 8 minutes), and writes its log and results to $OUT (the device tool's folder) or bench/out.
+# under 8 minutes), and writes its log and an archive of every step's output to $OUT (the device tool's folder)
+# or bench/out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${PART:-main}
@@ -25,13 +26,16 @@ case $PART in
   autotune) PACK=bench/out/gpu-autotune ;;
   *) echo "gpu.sh: PART is main or autotune, not '$PART'" >&2; exit 2 ;;
 esac
-RES=${OUT:-bench/out}/gpu
+W=/tmp/arena-judge-gpu
+# Every step's output is kept in RES; what comes back from the device tool is at most 8 files, so the results
+# leave as two: the log (with the tables) and an archive of RES, in $OUT or bench/out.
+RES=$W/results-$PART
+DEST=${OUT:-bench/out}
 BUDGET=${BUDGET:-420}
 BIG_BATCH=${BIG_BATCH:-16}
 PEAK_HALF=${PEAK_HALF:-989}   # dense bf16/f16 TFLOP/s of an H200 (H100 SXM's), from the datasheet
 PEAK_F32=${PEAK_F32:-67}
-W=/tmp/arena-judge-gpu
-mkdir -p "$RES" "$W"
+rm -rf "$RES" && mkdir -p "$RES" "$DEST"
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 log() { echo "$*" | tee -a "$RES/log.txt"; }
@@ -214,3 +218,6 @@ if packed and unpacked:
     print(f"packed micro-batches: {packed['rows_per_second'] / unpacked['rows_per_second']:.2f}x the rows/s of one row at a time")
 PYEOF
 log "done in $(( $(date +%s) - started ))s"
+cp "$RES/log.txt" "$DEST/gpu-$PART-log.txt"
+tar -C "$RES" -czf "$DEST/gpu-$PART-results.tar.gz" .
+echo "results: $DEST/gpu-$PART-log.txt and $DEST/gpu-$PART-results.tar.gz"
