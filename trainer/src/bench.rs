@@ -194,7 +194,7 @@ pub fn train(
     Ok(serde_json::json!({
         "tokens_per_s": (batch * seq * steps) as f64 / seconds,
         "seconds_per_step": seconds / steps as f64,
-        "batch": batch, "seq": seq, "steps": steps, "precision": format!("{:?}", config.precision).to_lowercase(),
+        "batch": batch, "seq": seq, "steps": steps, "precision": format!("{:?}", config.resolve_precision(&device).0).to_lowercase(),
         "flops_per_token": flops,
         "peak_rss_mib": peak_rss_mib(),
         "autotune": shared::model::placement::AUTOTUNE,

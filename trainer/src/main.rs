@@ -97,9 +97,10 @@ enum BenchCommand {
         /// Timed steps, after the warm-up (in f16, until a step no longer overflows).
         #[arg(default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         steps: u32,
-        /// Precision of the frozen base (adapters, head and optimizer state stay f32).
+        /// Precision of the frozen base (adapters, head and optimizer state stay f32), as `trainer train
+        /// --precision` takes it.
         #[arg(value_enum, default_value = "f32")]
-        dtype: BenchDtype,
+        dtype: PrecisionArg,
         /// Rows per step, computed as one micro-batch.
         #[arg(default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
@@ -204,6 +205,17 @@ enum PrecisionArg {
     Bf16,
 }
 
+impl From<PrecisionArg> for shared::train::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Auto => Self::Auto,
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::F16 => Self::F16,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PresetArg {
     /// The demo's small model with Gemma's 256k vocabulary.
@@ -255,12 +267,7 @@ impl Overrides {
                 .collect();
         }
         if let Some(p) = self.precision {
-            c.precision = match p {
-                PrecisionArg::Auto => shared::train::Precision::Auto,
-                PrecisionArg::F32 => shared::train::Precision::F32,
-                PrecisionArg::F16 => shared::train::Precision::F16,
-                PrecisionArg::Bf16 => shared::train::Precision::Bf16,
-            };
+            c.precision = p.into();
         }
     }
 }
@@ -486,21 +493,14 @@ fn cmd_bench(what: BenchCommand) -> Result<()> {
             steps,
             dtype,
             batch,
-        } => {
-            let precision = match dtype {
-                BenchDtype::F32 => shared::train::Precision::F32,
-                BenchDtype::F16 => shared::train::Precision::F16,
-                BenchDtype::Bf16 => shared::train::Precision::Bf16,
-            };
-            bench::train(
-                &model,
-                &device.device()?,
-                seq as usize,
-                steps as usize,
-                precision,
-                batch as usize,
-            )
-        }
+        } => bench::train(
+            &model,
+            &device.device()?,
+            seq as usize,
+            steps as usize,
+            dtype.into(),
+            batch as usize,
+        ),
     }?;
     out!("{result}");
     Ok(())

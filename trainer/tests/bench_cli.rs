@@ -57,6 +57,21 @@ fn bench_forward_and_train_report_their_rates_in_half_precision() {
     let warmup = train["warmup_steps"].as_u64().unwrap();
     assert!((1..=17).contains(&warmup), "{train}");
     assert!(train["timed_overflows"].as_u64().unwrap() <= 2, "{train}");
+
+    // The other precisions a user can pick, and the default device (wgpu: lavapipe here).
+    let train = json(bench(&["train", model, "cpu", "16", "1", "bf16"]));
+    assert_eq!(train["precision"], "bf16");
+    positive(&train, "tokens_per_s");
+    let forward = json(bench(&["forward", model, "cpu", "1", "16", "1"]));
+    assert_eq!(forward["precision"], "f32");
+    let forward = json(bench(&["forward", model, "wgpu", "1", "16", "1", "f16"]));
+    assert_eq!(forward["precision"], "f16");
+    positive(&forward, "rows_per_s");
+
+    // `auto`, as `trainer train --precision` takes it, resolves to f32 on the CPU.
+    let auto = json(bench(&["train", model, "cpu", "16", "1", "auto"]));
+    assert_eq!(auto["precision"], "f32");
+    assert_eq!(auto["warmup_steps"], 1);
 }
 
 #[test]
