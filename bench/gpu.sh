@@ -120,6 +120,9 @@ else
     bash bench/profile.sh "$BIN/trainer" bench forward "$M" wgpu 8 512 3 f16
   step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
     bash bench/profile.sh "$BIN/trainer" bench train "$M" wgpu 512 3 f16 1
+  # bf16 has f32's range, so it is the format to fall back on if gemma-2-2b's real activations pass f16's 65504.
+  # Whether this GPU's Vulkan driver gives wgpu bf16 at all, and at what speed (refused in a second if not).
+  step train_ours_bf16 60 "$BIN/trainer" bench train "$M" wgpu 512 5 bf16 1
 fi
 
 RES="$RES" PART="$PART" PEAK_HALF="$PEAK_HALF" PEAK_F32="$PEAK_F32" python3 - <<'PYEOF' | tee -a "$RES/log.txt"
@@ -165,6 +168,7 @@ table("LoRA step, batch 1 x 512 (target: ours >= PEFT bf16 sdpa)", "tokens/s", [
     ("train_ours_f16", "arena-judge f16 base", "tokens_per_s", 1, "half"),
     ("train_ours_f16_autotune", "arena-judge f16 base, autotuned", "tokens_per_s", 1, "half"),
     ("train_ours_f32", "arena-judge f32", "tokens_per_s", 1, "f32"),
+    ("train_ours_bf16", "arena-judge bf16 base (if the driver has bf16)", "tokens_per_s", 1, "half"),
 ], "train_peft_sdpa", tr.get("flops_per_token"))
 table("LoRA step, a batch that fills the GPU (target: >= PEFT, MFU >= 40%)", "tokens/s", [
     ("big_peft_sdpa", "PEFT bf16, sdpa", "tokens_per_s", 1, "half"),
