@@ -150,6 +150,23 @@ pub enum TrainError {
     Read(String),
     #[error("training diverged at step {step}: the loss is {loss}")]
     Diverged { step: usize, loss: f64 },
+    /// An f16 forward pass gave a loss that is not finite: an activation went past f16's largest value. Loss
+    /// scaling acts on the backward pass only, so no scale helps; a wider format does.
+    #[error(
+        "step {step}: the loss is not finite in f16 (rows {rows}): the model's activations exceed f16's range \
+         (65504), which no loss scale changes; train in bf16 where the device has it, or f32"
+    )]
+    ForwardOverflow { step: usize, rows: String },
+    /// A row scored by [`evaluate_split`] got probabilities that are not finite.
+    #[error(
+        "row {row} (id {id}): the model's probabilities are not finite ({probs:?}): its weights or activations \
+         overflowed (in f16, whose range ends at 65504, evaluate in bf16 or f32)"
+    )]
+    NonFinite {
+        row: usize,
+        id: String,
+        probs: [f32; 2],
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -515,9 +532,12 @@ pub fn train(
         };
         let (m, o, s) = load_checkpoint(&ckpt, model, optim, device)?;
         (model, optim, state) = (m, o, s);
-        if state.loss_scaler.is_none() {
-            state.loss_scaler = config.loss_scaler(device);
-        }
+        // The scaler follows this run's precision, which may differ from the checkpoint's: a run stopped by an
+        // f16 overflow resumes in f32 or bf16, and needs none.
+        state.loss_scaler = match config.loss_scaler(device) {
+            Some(fresh) => state.loss_scaler.or(Some(fresh)),
+            None => None,
+        };
         if state.total_steps != total {
             return Err(TrainError::Checkpoint {
                 path: ckpt.display().to_string(),
@@ -772,17 +792,33 @@ pub fn train_step(
             step_gradients(&model, micro, split, config, step, scale, device);
         out.grad_norm = clip_global_norm(&mut grads, trainable, config.max_grad_norm, scale);
         if let (Some(scaler), Some(norm)) = (scaler.as_deref_mut(), &out.grad_norm) {
-            let norm = norm
-                .clone()
-                .try_to_vec_as::<f32>()
-                .map_err(|e| TrainError::Read(format!("{e:?}")))?[0];
+            // Loss and norm in one read: the loss tells a forward pass that overflowed, which no scale mends,
+            // from scaled gradients that did, which a smaller scale does.
+            let values = Tensor::cat(
+                vec![
+                    out.loss.clone().cast(FloatDType::F32),
+                    norm.clone().cast(FloatDType::F32),
+                ],
+                0,
+            )
+            .try_to_vec_as::<f32>()
+            .map_err(|e| TrainError::Read(format!("{e:?}")))?;
+            let (loss, norm) = (values[0], values[1]);
+            if !loss.is_finite() {
+                return Err(TrainError::ForwardOverflow {
+                    step: step + 1,
+                    rows: row_ids(micro, split),
+                });
+            }
             scaler.update(norm.is_finite());
             if !norm.is_finite() {
                 if scaler.scale < 1.0 {
                     // Even an unscaled backward pass overflows f16: no scale can help.
                     return Err(TrainError::Invalid(format!(
-                        "step {step}: the gradients overflow f16 even without loss scaling: train with \
-                         --precision f32 or bf16"
+                        "step {}: the gradients overflow f16 even without loss scaling (rows {}): train with \
+                         --precision f32 or bf16",
+                        step + 1,
+                        row_ids(micro, split)
                     )));
                 }
                 overflows += 1;
@@ -792,6 +828,16 @@ pub fn train_step(
         out.overflows = overflows;
         return Ok((optim.step(lr, model, grads), out));
     }
+}
+
+/// The ids of a step's rows, for an error that names them.
+fn row_ids(micro: &[Vec<usize>], split: &PreparedSplit) -> String {
+    micro
+        .iter()
+        .flatten()
+        .map(|&i| split.rows[i].id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The gradients of one step's micro-batches (regrouped by `micro_batch_tokens`), accumulated, of the loss times
@@ -1074,6 +1120,18 @@ pub fn evaluate_split(
     let mut probs = vec![[0f32; 2]; split.len()];
     for (k, &i) in order.iter().enumerate() {
         probs[i] = [p[2 * k], p[2 * k + 1]];
+    }
+    // A NaN would pass the loss's clamp as 1e-15 and count as a prediction of model_a: an overflowed model
+    // would score like a constant one instead of failing.
+    if let Some(&i) = rows
+        .iter()
+        .find(|&&i| probs[i].iter().any(|v| !v.is_finite()))
+    {
+        return Err(TrainError::NonFinite {
+            row: i + 1,
+            id: split.rows[i].id.clone(),
+            probs: probs[i],
+        });
     }
     let (mut loss, mut log_loss, mut correct) = (0.0, 0.0, 0usize);
     let mut confusion = [[0usize; 2]; 2];
@@ -1376,7 +1434,9 @@ mod tests {
     #[test]
     fn clipping_scales_every_gradient_by_the_global_norm_of_the_unscaled_gradients() {
         let device = Device::flex();
-        let t = |v: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, shape), &device);
+        let t = |v: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<2>::from_data(TensorData::new(v, shape), &device)
+        };
         let (a, b, absent) = (ParamId::new(), ParamId::new(), ParamId::new());
         let mut grads = GradientsParams::new();
         // Gradients of the loss times 2 (the loss scale): unscaled, [3, 0] and [0, 4]ᵀ, a global norm of 5.
@@ -1385,7 +1445,9 @@ mod tests {
         let norm = clip_global_norm(&mut grads, &[a, b, absent], Some(1.0), 2.0).unwrap();
         assert!((norm.try_to_vec_as::<f32>().unwrap()[0] - 5.0).abs() < 1e-5);
         // Unscaled and clipped to norm 1: each divided by 2 and by 5.
-        let got = |grads: &GradientsParams, id| grads.get::<2>(id).unwrap().try_to_vec_as::<f32>().unwrap();
+        let got = |grads: &GradientsParams, id| {
+            grads.get::<2>(id).unwrap().try_to_vec_as::<f32>().unwrap()
+        };
         let (ga, gb) = (got(&grads, a), got(&grads, b));
         assert!((ga[0] - 0.6).abs() < 1e-5 && ga[1] == 0.0, "{ga:?}");
         assert!(gb[0] == 0.0 && (gb[1] - 0.8).abs() < 1e-5, "{gb:?}");

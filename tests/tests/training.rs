@@ -591,7 +591,11 @@ fn packing_a_step_by_tokens_leaves_its_loss_and_gradient_unchanged() {
     for budget in [5 * longest, 2 * longest] {
         let (gradient, loss, shapes) = step(budget);
         let batches: Vec<usize> = shapes.iter().map(|&(rows, _)| rows).collect();
-        let expected = if budget == 5 * longest { vec![5] } else { vec![2, 2, 1] };
+        let expected = if budget == 5 * longest {
+            vec![5]
+        } else {
+            vec![2, 2, 1]
+        };
         assert_eq!(batches, expected, "budget {budget}: {shapes:?}");
         assert!(shapes.iter().all(|&(rows, seq)| rows * seq <= budget));
         assert!(
@@ -599,7 +603,10 @@ fn packing_a_step_by_tokens_leaves_its_loss_and_gradient_unchanged() {
             "budget {budget}: loss {loss} against {reference_loss} row by row"
         );
         let err = relative_l1(&gradient, &reference);
-        assert!(err < 1e-5, "budget {budget}: the gradient differs by {err:.2e} (relative L1)");
+        assert!(
+            err < 1e-5,
+            "budget {budget}: the gradient differs by {err:.2e} (relative L1)"
+        );
     }
 }
 
@@ -885,4 +892,148 @@ fn packed_bundles_stay_packed_on_wgpu_and_equal_the_cpu() {
             );
         }
     }
+}
+
+/// `base` with layer 0's feed-forward input scaled by 1000 (Gemma's norm weight `w` in `(1 + w)`) and its
+/// up-projection by 1000: every weight still fits f16, but the up-projection's outputs pass f16's largest value
+/// (65504) while f32 holds them. The shape of an f16 overflow in a real model's activations.
+fn overflowing_in_f16(
+    mut base: Gemma2ForSequenceClassification,
+) -> Gemma2ForSequenceClassification {
+    let layer = &mut base.model.layers[0];
+    let norm = &mut layer.pre_feedforward_layernorm;
+    norm.weight = Param::from_tensor(norm.weight.val().zeros_like().add_scalar(999.0).detach());
+    let up = &mut layer.mlp.up_proj.base;
+    up.weight = Param::from_tensor(up.weight.val().mul_scalar(1e3).detach());
+    base
+}
+
+/// An f16 forward pass that overflows makes the loss NaN whatever the loss scale, so the step stops at once with
+/// an error naming its rows and what to use, instead of halving the scale 17 times and blaming the gradients;
+/// evaluating such a model names the row instead of counting NaN as a prediction of model_a. f32 runs it.
+#[test]
+fn an_overflowing_f16_forward_pass_stops_the_step_and_names_its_rows() {
+    use shared::train::{Precision, TrainError, for_training, train_step, trainable_ids};
+    let device = Device::flex().autodiff();
+    let base = overflowing_in_f16(config().init(&device));
+    let split = rows(2, 32);
+    let micro = [vec![0, 1]];
+    let step = |precision| {
+        let settings = TrainConfig {
+            lora: lora(4),
+            precision,
+            ..TrainConfig::default()
+        };
+        let model = for_training(base.clone(), &settings, &device).unwrap();
+        let trainable = trainable_ids(&model);
+        let mut scaler = settings.loss_scaler(&device);
+        let mut optim = burn::optim::AdamWConfig::new().init();
+        let result = train_step(
+            model,
+            &mut optim,
+            &micro,
+            &split,
+            &settings,
+            0,
+            1e-3,
+            &trainable,
+            scaler.as_mut(),
+            &device,
+        );
+        (result.map(|(_, out)| out), scaler, settings)
+    };
+    let (f32_step, _, _) = step(Precision::F32);
+    let loss = f32_step.unwrap().loss.try_to_vec_as::<f32>().unwrap()[0];
+    assert!(loss.is_finite(), "f32 loss {loss}");
+
+    let (f16_step, scaler, settings) = step(Precision::F16);
+    let Err(e) = f16_step else {
+        panic!("an f16 step whose activations overflow succeeded");
+    };
+    assert!(
+        matches!(e, TrainError::ForwardOverflow { step: 1, .. }),
+        "{e}"
+    );
+    let message = e.to_string();
+    for id in [&split.rows[0].id, &split.rows[1].id] {
+        assert!(message.contains(id.as_str()), "{message}");
+    }
+    assert!(
+        message.contains("bf16") && message.contains("f32"),
+        "{message}"
+    );
+    // Stopped at the first try: the scale never moved.
+    let scaler = scaler.unwrap();
+    assert_eq!((scaler.scale, scaler.overflows), (65536.0, 0));
+
+    let model = for_training(base, &settings, &device).unwrap().valid();
+    let Err(e) = shared::train::evaluate_split(&model, &split, &settings, &Device::flex()) else {
+        panic!("an f16 model whose activations overflow evaluated");
+    };
+    let TrainError::NonFinite { row, id, .. } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!((*row, id), (1, &split.rows[0].id), "{e}");
+}
+
+/// A run stopped in f16 resumes from its checkpoint in f32 (`trainer train --resume --precision f32`): the
+/// steps after it run without a loss scale and the run completes.
+#[test]
+fn a_run_resumes_from_its_checkpoint_in_another_precision() {
+    use shared::train::Precision;
+    let device = Device::flex().autodiff();
+    let base = config().init(&device);
+    let split = rows(8, 32);
+    let dir = temp_dir("resume-precision");
+    let f16 = TrainConfig {
+        lora: lora(4),
+        precision: Precision::F16,
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: Some(2),
+        save_steps: 1,
+        eval_steps: 2,
+        logging_steps: 1,
+        ..TrainConfig::default()
+    };
+    let data = || TrainData {
+        train: &split,
+        val: &split,
+    };
+    let first = train(
+        base.clone(),
+        &f16,
+        data(),
+        &RunDir::open(&dir, OpenMode::New).unwrap(),
+        &device,
+        &Quiet,
+    )
+    .unwrap();
+    assert!(first.state.loss_scaler.is_some());
+    // As if the run had stopped after its first checkpoint.
+    std::fs::remove_dir_all(dir.join("checkpoint-2")).unwrap();
+    let f32 = TrainConfig {
+        precision: Precision::F32,
+        ..f16
+    };
+    let resumed = train(
+        base,
+        &f32,
+        data(),
+        &RunDir::open(&dir, OpenMode::Resume).unwrap(),
+        &device,
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(resumed.steps_run, 1);
+    assert!(resumed.state.loss_scaler.is_none());
+    let (logs, _) = shared::train::read_log(&dir.join("log.jsonl")).unwrap();
+    // The f16 step logs its loss scale (below 65536 if this small model's gradients overflowed at first); the f32
+    // step has none.
+    let scales: Vec<_> = logs.iter().map(|l| (l.step, l.loss_scale)).collect();
+    assert!(
+        matches!(scales[..], [(1, Some(s)), (2, None)] if s >= 1.0),
+        "{logs:?}"
+    );
+    assert!(logs.iter().all(|l| l.loss.is_finite()));
 }

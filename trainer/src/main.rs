@@ -187,6 +187,8 @@ struct Overrides {
     lora_targets: Option<String>,
     #[arg(long)]
     lora_first_layer: Option<usize>,
+    /// The frozen base's number format. The only setting --resume takes: it changes no step's definition, and
+    /// a run stopped by an f16 overflow continues from its last checkpoint in f32 or bf16.
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
     /// Keep the frozen projections in int8 (QLoRA-style).
@@ -225,7 +227,8 @@ enum PresetArg {
 }
 
 impl Overrides {
-    fn any(&self) -> bool {
+    /// Whether a flag other than `--precision` is given.
+    fn any_but_precision(&self) -> bool {
         self.learning_rate.is_some()
             || self.epochs.is_some()
             || self.max_steps.is_some()
@@ -241,7 +244,6 @@ impl Overrides {
             || self.lora_dropout.is_some()
             || self.lora_targets.is_some()
             || self.lora_first_layer.is_some()
-            || self.precision.is_some()
             || self.quantize_base
     }
 
@@ -507,9 +509,10 @@ fn cmd_bench(what: BenchCommand) -> Result<()> {
 }
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
-    if args.resume && (args.overrides.any() || args.config.is_some()) {
+    if args.resume && (args.overrides.any_but_precision() || args.config.is_some()) {
         bail!(
-            "--resume continues with the run's saved settings; drop --config and the setting flags"
+            "--resume continues with the run's saved settings; drop --config and the setting flags \
+             (--precision excepted)"
         );
     }
     let mut config = match &args.config {
@@ -549,18 +552,50 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         }
         (None, None) => run_dir.join("prepared"),
     };
+    let run_path = run_dir.path().to_path_buf();
     let out = run::run_train(run::TrainJob {
         run: run_dir,
         prepared,
         model: args.model,
         random,
         tokenizer,
+        resume_precision: args
+            .overrides
+            .precision
+            .filter(|_| args.resume)
+            .map(Into::into),
         config,
         device: args.device.device()?.autodiff(),
-    })?;
+    })
+    .map_err(|e| with_precision_hint(e, &run_path))?;
     out!("run: {}", out.display());
     out!("curves: {}", out.join("curves.svg").display());
     Ok(())
+}
+
+/// An f16 overflow ends a run; the error then says how to go on in a wider format without losing the steps
+/// already checkpointed.
+fn with_precision_hint(e: anyhow::Error, run: &std::path::Path) -> anyhow::Error {
+    use shared::train::TrainError;
+    // Only an f16 step raises this one (an evaluation's non-finite probabilities may come from any precision).
+    if !matches!(
+        e.downcast_ref::<TrainError>(),
+        Some(TrainError::ForwardOverflow { .. })
+    ) {
+        return e;
+    }
+    let how = match shared::train::latest_checkpoint(run) {
+        Some(c) => format!(
+            "training stopped on an overflow: continue from {} in f32 with `trainer train --out {} --resume \
+             --precision f32`",
+            c.display(),
+            run.display()
+        ),
+        None => "training stopped on an overflow before its first checkpoint: run the same command again with \
+                 --overwrite --precision f32"
+            .to_string(),
+    };
+    e.context(how)
 }
 
 fn cmd_eval(args: EvalArgs) -> Result<()> {
@@ -651,6 +686,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         model: None,
         random: Some(run::demo_config()),
         tokenizer,
+        resume_precision: None,
         config,
         device: args.device.device()?.autodiff(),
     })?;

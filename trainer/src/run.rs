@@ -112,7 +112,10 @@ pub struct TrainJob {
     /// A random model of this config when there is no `model`.
     pub random: Option<Gemma2Config>,
     pub tokenizer: PathBuf,
+    /// Ignored when resuming: the run's saved settings apply, but for `resume_precision`.
     pub config: TrainConfig,
+    /// On resume, the base's precision from here on (saved into the run's settings).
+    pub resume_precision: Option<shared::train::Precision>,
     pub device: Device,
 }
 
@@ -160,7 +163,17 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     let (info, config) = if job.run.resumes() {
         let info: RunInfo = read_json(&out.join(RUN_FILE))
             .context("--resume needs a run directory made by `trainer train`")?;
-        let config = TrainConfig::from_file(&out.join(CONFIG_FILE))?;
+        let mut config = TrainConfig::from_file(&out.join(CONFIG_FILE))?;
+        if let Some(p) = job.resume_precision.filter(|&p| p != config.precision) {
+            let name = |p: shared::train::Precision| format!("{p:?}").to_lowercase();
+            out!(
+                "precision: {} from here on (the run had {})",
+                name(p),
+                name(config.precision)
+            );
+            config.precision = p;
+            write_json(&out.join(CONFIG_FILE), &config)?;
+        }
         (info, config)
     } else {
         let (base_model, random_base) = match (&job.model, &job.random) {

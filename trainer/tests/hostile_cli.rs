@@ -265,6 +265,49 @@ fn nan_weights_and_non_finite_probabilities_are_errors() {
     );
 }
 
+/// A base whose activations pass f16's largest value (65504) in its first layer's feed-forward block, though
+/// every weight fits f16 (Gemma 3 does this in f16; whether gemma-2-2b does is unmeasured): an f16 run stops at
+/// its first step, names the rows, and says how to go on in f32, instead of halving the loss scale 17 times and
+/// blaming the gradients.
+#[test]
+fn an_f16_overflow_stops_training_and_says_how_to_go_on() {
+    let model = model_dir("f16-overflow-model", &small(), |t| {
+        for (name, _, values) in t.iter_mut() {
+            match name.as_str() {
+                "model.layers.0.pre_feedforward_layernorm.weight" => values.fill(999.0),
+                "model.layers.0.mlp.up_proj.weight" => values.iter_mut().for_each(|v| *v *= 1e3),
+                _ => {}
+            }
+        }
+    });
+    let run = temp_dir("f16-overflow-run");
+    let stderr = fails(trainer().args([
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        root().join("data/arena-sample.parquet").to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--precision",
+        "f16",
+        "--max-steps",
+        "2",
+        "--lora-first-layer",
+        "0",
+    ]));
+    assert!(
+        stderr.contains("step 1: the loss is not finite in f16 (rows "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("run the same command again with --overwrite --precision f32"),
+        "{stderr}"
+    );
+}
+
 /// 5. A cache prepared with `--keep-ties` cannot train a two-class model: a clear error, not an index panic.
 #[test]
 fn training_on_ties_is_refused_clearly() {

@@ -100,15 +100,26 @@ fn a_run_killed_mid_way_resumes_to_the_same_losses() {
     assert!(before.len() < 24, "killed after the end");
     assert!(!run.join("test_metrics.json").exists());
 
+    // `--precision` is the one setting a resumed run takes (the way on after an f16 overflow). On the CPU the
+    // run's `auto` is f32 already, so the path it takes is the same.
     let stdout = run_ok(trainer().args([
         "train",
         "--resume",
         "--device",
         "cpu",
+        "--precision",
+        "f32",
         "--out",
         run.to_str().unwrap(),
     ]));
     assert!(stdout.contains("resumed from"), "{stdout}");
+    assert!(
+        stdout.contains("precision: f32 from here on (the run had auto)"),
+        "{stdout}"
+    );
+    let saved: shared::train::TrainConfig =
+        serde_json::from_slice(&std::fs::read(run.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(saved.precision, shared::train::Precision::F32);
     let after = losses(&run);
     assert_eq!(after.len(), 24, "{after:?}");
     for ((s1, l1), (s2, l2)) in expected.iter().zip(&after) {
