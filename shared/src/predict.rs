@@ -35,7 +35,7 @@ pub enum PredictError {
         vocab: usize,
     },
     #[error(
-        "row {row} (id {id}): the model's probabilities are not finite ({probs:?}): its weights or activations overflowed"
+        "row {row} (id {id}): the model's probabilities are not finite ({probs:?}): its weights or activations overflowed (in f16, whose range ends at 65504, score in f32)"
     )]
     NonFinite {
         row: usize,
