@@ -259,13 +259,21 @@ impl Mlp {
 }
 
 /// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`):
-/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`. burn's `gelu_approximate` computes the same with `powf` for the
-/// cube, which on the CPU backend costs more than the two multiplications here.
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, computed in f32 whatever the activation dtype and rounded once,
+/// as PyTorch's kernel does (it computes half-precision inputs in its float "opmath" type). Op by op in f16,
+/// `1 + tanh(..)` cancels on the negative side: from x ≈ -3.6 tanh rounds to -1 and the sum to 0, where the true
+/// values are small but representable (gelu(-4) = -7.0e-5), and from -3.5 to -2.5 the result is off by 1% to 39%.
+/// That error always points the same way, and every one of the feed-forward's channels multiplies its `up` value by
+/// it, unlike f16's rounding elsewhere; PyTorch does not make it. The cube also overflows f16 past |x| ≈ 40. The two
+/// casts are element-wise work, which burn's fusion joins to its neighbours. burn's `gelu_approximate` computes the
+/// same formula with `powf` for the cube, which on the CPU backend costs more than the two multiplications here.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
     let cube = x.clone() * x.clone() * x.clone();
     let inner = (x.clone() + cube * 0.044715) * SQRT_2_OVER_PI;
-    (x * (inner.tanh() + 1.0)) * 0.5
+    ((x * (inner.tanh() + 1.0)) * 0.5).cast(dtype)
 }
 
 /// One block with Gemma-2's **sandwich norms** around attention and around the feed-forward block.
@@ -807,6 +815,44 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(worst < 1e-6, "max |difference| {worst}");
+    }
+
+    /// PyTorch's value of `gelu(x, approximate="tanh")` for an f16 `x`: the formula in float, rounded to f16 once.
+    fn torch_gelu_f16(x: f32) -> f32 {
+        let v = f64::from(x);
+        let exact = 0.5
+            * v
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+        half::f16::from_f64(exact).to_f32()
+    }
+
+    #[test]
+    fn gelu_in_f16_is_computed_in_f32_and_rounded_once() {
+        // The negative tail, where `1 + tanh` cancels in f16 (op by op, values from -3.6 down came out 0, and
+        // -3.5 to -2.5 off by 1% to 39%), values either side of zero, and the cube's overflow of f16 past |x| = 40.3.
+        let xs = [
+            -8.0f32, -5.0, -4.0, -3.5, -3.0, -2.5, -1.0, -0.25, 0.25, 1.0, 2.5, 4.0, 41.0, -41.0,
+            300.0, -300.0,
+        ];
+        let x = Tensor::<1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &dev())
+            .cast(FloatDType::F16);
+        assert_eq!(x.dtype(), DType::F16);
+        let out = gelu_tanh(x);
+        assert_eq!(out.dtype(), DType::F16, "the activation dtype is kept");
+        let got = out.try_to_vec_as::<f32>().unwrap();
+        for (&x, &got) in xs.iter().zip(&got) {
+            let want = torch_gelu_f16(x);
+            // One f16 step of the value (rounding the f32 result can land on the other neighbour).
+            let ulp = half::f16::from_f32(want.abs()).to_f32() * 2f32.powi(-10);
+            assert!(
+                (got - want).abs() <= ulp.max(6e-8),
+                "gelu({x}) in f16: {got}, PyTorch gives {want}"
+            );
+        }
+        assert!(
+            got[2] < 0.0,
+            "gelu(-4) = -7.0e-5 is representable in f16, not 0"
+        );
     }
 
     #[test]
