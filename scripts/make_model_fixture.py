@@ -10,12 +10,16 @@ Its config makes every Gemma-2 detail matter: a sliding window shorter than the 
 bites, norm weights far from zero, query_pre_attn_scalar != head_dim, fewer KV heads than query heads. Embedding
 rows of tokens the rows never use are zero, so the file stays small in git.
 
+With --f16 it only adds to tests/fixtures/gemma2-tiny/expected.json the logits transformers computes in f16
+(`logits_f16`), from the weights already there; a full run writes them too.
+
 With --large it writes a bigger model (hidden 256, 6 layers) the same way to .cache/fixtures/gemma2-large, for the
 ignored test `large_model_matches_transformers` (cargo test -- --ignored).
 
 tests/fixtures/gemma2-dtypes/: a smaller model (vocabulary 512) saved in f32, bf16, f16 and sharded, and the
 logits transformers computes (in f32) from each, on random ids with right padding.
 """
+import copy
 import json
 import os
 import shutil
@@ -95,6 +99,28 @@ def logits_of(model, rows, pad_id):
         return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
+def f16_logits(model, rows, pad_id):
+    """The logits transformers computes with the model cast to f16 (on the CPU, eager attention): the reference
+    for our f16 forward pass, whose every rounding should be the one PyTorch makes."""
+    half = copy.deepcopy(model).to(torch.float16)
+    return logits_of(half, rows, pad_id)
+
+
+def add_f16_logits(out=TINY):
+    """--f16: adds `logits_f16` to an existing fixture's expected.json, leaving its weights and other values as
+    they are."""
+    model = Gemma2ForSequenceClassification.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    path = f"{out}/expected.json"
+    with open(path) as f:
+        expected = json.load(f)
+    got = f16_logits(model, [r["input_ids"] for r in expected["rows"]], 0)
+    for row, l in zip(expected["rows"], got):
+        row["logits_f16"] = l.tolist()
+    with open(path, "w") as f:
+        json.dump(expected, f)
+    print(f"added f16 logits to {path} (torch {torch.__version__})")
+
+
 def make_tiny(size="tiny", out=TINY):
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     df = load("data/arena-sample.parquet")
@@ -119,9 +145,11 @@ def make_tiny(size="tiny", out=TINY):
     logits = logits_of(model, ids_rows, 0)
     # Each row alone too: padding must not change a row's logits.
     alone = [logits_of(model, [r], 0)[0] for r in ids_rows]
-    for row, l, a in zip(rows, logits, alone):
+    f16 = f16_logits(model, ids_rows, 0)
+    for row, l, a, h in zip(rows, logits, alone, f16):
         row["logits"] = l.tolist()
         row["logits_alone"] = a.tolist()
+        row["logits_f16"] = h.tolist()
         row["probs"] = torch.softmax(l, -1).tolist()
     # Ablations: what the logits would be without a detail, to prove each one matters for these rows.
     ablations = {}
@@ -188,6 +216,8 @@ def make_dtypes():
 if __name__ == "__main__":
     if "--large" in sys.argv:
         make_tiny("large", LARGE)
+    elif "--f16" in sys.argv:
+        add_f16_logits()
     else:
         make_tiny()
         make_dtypes()

@@ -26,6 +26,8 @@ struct TinyRow {
     input_ids: Vec<u32>,
     logits: Vec<f32>,
     logits_alone: Vec<f32>,
+    /// transformers' logits with the model cast to f16.
+    logits_f16: Vec<f32>,
 }
 
 fn tiny_dir() -> PathBuf {
@@ -156,7 +158,12 @@ fn large_model_matches_transformers() {
 }
 
 #[test]
-fn half_precision_stays_close_to_transformers_f32() {
+fn half_precision_stays_close_to_transformers_in_f16() {
+    // In f16 every operation rounds, so f16 logits differ from f32 ones: transformers' own by 3.5e-3 on these rows.
+    // Ours differ from transformers' f16 ones by 5.9e-3 (and from its f32 ones by 5.1e-3): rounding the same values
+    // in another order (matmul accumulation, fusion) is noise of the same size, a few f16 steps of a logit near 2.
+    // So this checks that the f16 path is right to within that noise, not each rounding: `gelu_tanh`'s own test
+    // checks that one against PyTorch's.
     let device = Device::flex();
     let expected = tiny_expected();
     let model = load_hf_dir(&tiny_dir(), &device)
@@ -173,17 +180,18 @@ fn half_precision_stays_close_to_transformers_f32() {
         .map(|r| r.input_ids.as_slice())
         .collect();
     let got = logits(&model, &rows, &device);
-    let mut worst = 0f32;
+    let (mut vs_f16, mut vs_f32) = (0f32, 0f32);
     for (g, r) in got.iter().zip(&expected.rows) {
-        for (a, b) in g.iter().zip(&r.logits) {
-            worst = worst.max((a - b).abs());
+        for ((a, h), f) in g.iter().zip(&r.logits_f16).zip(&r.logits) {
+            vs_f16 = vs_f16.max((a - h).abs());
+            vs_f32 = vs_f32.max((a - f).abs());
         }
     }
     assert!(
-        worst < 5e-2,
-        "f16 logits drift {worst} from transformers' f32"
+        vs_f16 < 1e-2,
+        "f16 logits differ by {vs_f16} from transformers' f16 ones"
     );
-    assert!(worst > 0.0, "the model must really run in f16");
+    assert!(vs_f32 > 0.0, "the model must really run in f16");
 }
 
 #[test]
