@@ -817,42 +817,52 @@ mod tests {
         assert!(worst < 1e-6, "max |difference| {worst}");
     }
 
-    /// PyTorch's value of `gelu(x, approximate="tanh")` for an f16 `x`: the formula in float, rounded to f16 once.
-    fn torch_gelu_f16(x: f32) -> f32 {
-        let v = f64::from(x);
-        let exact = 0.5
-            * v
-            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
-        half::f16::from_f64(exact).to_f32()
+    /// `gelu(x, approximate="tanh")` in f64.
+    fn tanh_gelu(v: f64) -> f64 {
+        0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
     }
 
     #[test]
-    fn gelu_in_f16_is_computed_in_f32_and_rounded_once() {
+    fn gelu_in_half_precision_is_computed_in_f32_and_rounded_once() {
         // The negative tail, where `1 + tanh` cancels in f16 (op by op, values from -3.6 down came out 0, and
         // -3.5 to -2.5 off by 1% to 39%), values either side of zero, and the cube's overflow of f16 past |x| = 40.3.
         let xs = [
             -8.0f32, -5.0, -4.0, -3.5, -3.0, -2.5, -1.0, -0.25, 0.25, 1.0, 2.5, 4.0, 41.0, -41.0,
             300.0, -300.0,
         ];
-        let x = Tensor::<1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &dev())
-            .cast(FloatDType::F16);
-        assert_eq!(x.dtype(), DType::F16);
-        let out = gelu_tanh(x);
-        assert_eq!(out.dtype(), DType::F16, "the activation dtype is kept");
-        let got = out.try_to_vec_as::<f32>().unwrap();
-        for (&x, &got) in xs.iter().zip(&got) {
-            let want = torch_gelu_f16(x);
-            // One f16 step of the value (rounding the f32 result can land on the other neighbour).
-            let ulp = half::f16::from_f32(want.abs()).to_f32() * 2f32.powi(-10);
+        // PyTorch's value for an input of the dtype: its kernel's arithmetic in f32 (where `1 + tanh` cancels too,
+        // far later), rounded once; and the dtype's step (rounding can land on the other neighbour).
+        let torch = |x: f32| {
+            let inner = 0.797_884_6f32 * (x + 0.044715 * (x * x * x));
+            0.5 * x * (1.0 + inner.tanh())
+        };
+        let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+        let cases: [(FloatDType, &dyn Fn(f32) -> f32, i32); 2] =
+            [(FloatDType::F16, &f16, 10), (FloatDType::BF16, &bf16, 7)];
+        for (dtype, round, mantissa) in cases {
+            let x = Tensor::<1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &dev())
+                .cast(dtype);
+            let out = gelu_tanh(x);
+            assert_eq!(
+                out.dtype(),
+                DType::from(dtype),
+                "the activation dtype is kept"
+            );
+            let got = out.try_to_vec_as::<f32>().unwrap();
+            for (&x, &got) in xs.iter().zip(&got) {
+                let want = round(torch(round(x)));
+                let step = want.abs() * 2f32.powi(-mantissa);
+                assert!(
+                    (got - want).abs() <= step.max(6e-8),
+                    "gelu({x}) in {dtype:?}: {got}, PyTorch gives {want}"
+                );
+            }
             assert!(
-                (got - want).abs() <= ulp.max(6e-8),
-                "gelu({x}) in f16: {got}, PyTorch gives {want}"
+                got[2] < 0.0,
+                "gelu(-4) = -7.0e-5 is representable in {dtype:?}, not 0"
             );
         }
-        assert!(
-            got[2] < 0.0,
-            "gelu(-4) = -7.0e-5 is representable in f16, not 0"
-        );
     }
 
     #[test]
@@ -863,10 +873,6 @@ mod tests {
             .try_to_vec_as::<f32>()
             .unwrap();
         assert!((got[0] - burns[0]).abs() < 1e-6 && (got[1] - burns[1]).abs() < 1e-6);
-        let tanh_gelu = |v: f64| {
-            0.5 * v
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
-        };
         assert!((f64::from(got[0]) - tanh_gelu(1.0)).abs() < 1e-6);
         assert!((f64::from(got[1]) - tanh_gelu(-0.5)).abs() < 1e-6);
         // The erf GELU differs at this precision: 0.841345 vs 0.841192.
