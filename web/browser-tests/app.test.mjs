@@ -62,6 +62,8 @@ test("WebGPU: loads the demo bundle and predicts the examples as trainer predict
   try {
     await waitReady(page, logs);
     assert.equal(await page.locator("#backend").innerText(), "webgpu");
+    // Element-wise chains run fused on WebGPU, as natively (burn's fusion in the wasm build).
+    assert.equal(await page.locator("#kernels").getAttribute("data-fused"), "true");
     assert.equal(await page.locator("#cpu-banner").count(), 0);
     const pa = await predictExamples(page, 3);
     pa.forEach((p, i) => assert.ok(Math.abs(p - native[i]) < 1e-3, `example ${i}: browser ${p}, native ${native[i]}`));
@@ -88,6 +90,7 @@ test("without WebGPU: the CPU fallback, with a banner, gives the same probabilit
   try {
     await waitReady(page, logs);
     assert.equal(await page.locator("#backend").innerText(), "cpu");
+    assert.equal(await page.locator("#kernels").count(), 0);
     assert.match(await page.locator("#cpu-banner").innerText(), /WebGPU is not available/);
     const [p] = await predictExamples(page, 1);
     assert.ok(Math.abs(p - native[0]) < 1e-3, `browser ${p}, native ${native[0]}`);

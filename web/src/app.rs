@@ -413,6 +413,11 @@ pub fn App() -> impl IntoView {
                                         if l.table_on_host { "; token embedding in wasm memory (over one GPU binding)" } else { "" })}
                                 </span>
                             })}
+                            {move || load_info.get().filter(|l| l.backend == "webgpu").map(|l| view! {
+                                <span class="meta" id="kernels" data-fused=l.fused_kernels.to_string()>
+                                    {if l.fused_kernels { " · WGSL kernels, fused" } else { " · WGSL kernels, not fused" }}
+                                </span>
+                            })}
                         </p>
                     }.into_any(),
                     Status::Failed(e) => view! { <p class="error" id="load-error">"Could not load the model: " {e}</p> }.into_any(),

@@ -147,6 +147,7 @@ impl Inner {
         };
         let stats = loaded.stats;
         let table_on_host = loaded.model.embedding_device() != placement.compute;
+        let fused_kernels = backend == "webgpu" && shared::model::placement::fused_kernels();
         let inner = Inner {
             labels: loaded.config.labels.clone(),
             model: loaded.model,
@@ -165,6 +166,7 @@ impl Inner {
             host_bytes: stats.host_bytes,
             wasm_memory_bytes: wasm_memory_bytes(),
             table_on_host,
+            fused_kernels,
         };
         Ok((inner, info))
     }

@@ -105,6 +105,8 @@ pub struct LoadInfo {
     pub wasm_memory_bytes: u64,
     /// The token embedding stayed in wasm memory (over one GPU binding).
     pub table_on_host: bool,
+    /// On WebGPU, whether this build fuses its kernels (see `shared::model::placement::fused_kernels`).
+    pub fused_kernels: bool,
 }
 
 /// One comparison's prediction.

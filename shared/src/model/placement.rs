@@ -33,6 +33,13 @@ pub struct Placement {
 /// `bench/gpu.sh` to measure, which runs both builds.
 pub const AUTOTUNE: bool = cfg!(feature = "autotune");
 
+/// This build fuses its wgpu kernels (burn's `fusion`): chains of element-wise operations run as one kernel and
+/// fold into the reduction or matmul they feed. Every native build and the browser's do; read from the backend
+/// type itself, which fusion wraps, so a build that lost the feature says so.
+pub fn fused_kernels() -> bool {
+    std::any::type_name::<burn::backend::Wgpu>().contains("Fusion")
+}
+
 /// The storage-buffer binding size every WebGPU adapter supports (`maxStorageBufferBindingSize`'s default);
 /// assumed for a GPU whose limits were not read.
 pub const WEBGPU_DEFAULT_BINDING_BYTES: u64 = 128 << 20;
@@ -251,6 +258,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("arena-judge-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
         dir
+    }
+
+    /// Native builds fuse (Cargo.toml turns on burn's `fusion` for every target); the browser's build is checked
+    /// by web/browser-tests, where the page reports the same function.
+    #[test]
+    fn this_build_fuses_its_wgpu_kernels() {
+        let backend = std::any::type_name::<burn::backend::Wgpu>();
+        assert!(fused_kernels(), "the wgpu backend is not wrapped in fusion: {backend}");
     }
 
     #[test]
