@@ -54,12 +54,17 @@ impl RmsNorm {
             .add_scalar(self.eps)
             .sqrt()
             .recip(); // [batch, seq, 1]
+        // `1 + w` is computed on the weight broadcast to the activations' shape, not on the `[hidden]` weight
+        // alone: the same f32 additions, but now element-wise work of one shape with the products, which fusion
+        // runs in their kernel. On the weight alone it was a kernel of its own in every norm of every pass.
+        let [batch, seq, hidden] = x.dims();
         let scale = self
             .weight
             .val()
+            .unsqueeze::<3>()
+            .expand([batch, seq, hidden])
             .cast(FloatDType::F32)
-            .add_scalar(1.0)
-            .unsqueeze::<3>(); // [1, 1, hidden]
+            .add_scalar(1.0);
         (x * inv_rms * scale).cast(dtype)
     }
 }
