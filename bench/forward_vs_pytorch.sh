@@ -24,14 +24,19 @@ if [ -z "${PY:-}" ]; then
 fi
 MODEL="bench/out/gemma2-$PRESET"
 [ -f "$MODEL/config.json" ] || "$PY" bench/forward_vs_pytorch.py make "$MODEL" --preset "$PRESET"
-cargo build -q --release -p trainer --bin trainer
+# TRAINER may name a trainer binary already built (say target/debug/trainer, whose dependencies, burn among
+# them, are optimised too: see the workspace's profiles); else the release build is made and used.
+if [ -z "${TRAINER:-}" ]; then
+  cargo build -q --release -p trainer --bin trainer
+  TRAINER=./target/release/trainer
+fi
 
 if [ "$DEVICE" = gpu ]; then torch_dev=cuda; burn_devs="wgpu"; else torch_dev=cpu; burn_devs="cpu wgpu"; fi
 py=$("$PY" bench/forward_vs_pytorch.py run "$MODEL" "$torch_dev" "$BATCH" "$SEQ" "$ITERS" | tail -n 1)
 echo "pytorch ($torch_dev): $py"
 results="{\"preset\": \"$PRESET\", \"pytorch\": $py"
 for d in $burn_devs; do
-  r=$(./target/release/trainer bench forward "$MODEL" "$d" "$BATCH" "$SEQ" "$ITERS" 2>/dev/null | tail -n 1)
+  r=$("$TRAINER" bench forward "$MODEL" "$d" "$BATCH" "$SEQ" "$ITERS" 2>/dev/null | tail -n 1)
   echo "arena-judge ($d): $r"
   results="$results, \"burn_$d\": $r"
 done

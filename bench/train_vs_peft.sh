@@ -22,7 +22,12 @@ if [ -z "${PY:-}" ]; then
 fi
 MODEL="bench/out/gemma2-$PRESET"
 [ -f "$MODEL/config.json" ] || "$PY" bench/forward_vs_pytorch.py make "$MODEL" --preset "$PRESET"
-cargo build -q --release -p trainer --bin trainer
+# TRAINER may name a trainer binary already built (say target/debug/trainer, whose dependencies, burn among
+# them, are optimised too: see the workspace's profiles); else the release build is made and used.
+if [ -z "${TRAINER:-}" ]; then
+  cargo build -q --release -p trainer --bin trainer
+  TRAINER=./target/release/trainer
+fi
 
 # On a GPU both sides train in half precision (the recipe's fp16: PyTorch bf16 autocast-free weights, our f16
 # base); on the CPU both in f32. PEAK_TFLOPS is the device's dense half-precision peak for MFU (H200: 989).
@@ -31,7 +36,7 @@ py=$("$PY" bench/train_peft.py "$MODEL" "$torch_dev" "$SEQ" "$STEPS" "$tdtype" |
 echo "pytorch+peft ($torch_dev): $py"
 results="{\"preset\": \"$PRESET\", \"pytorch\": $py"
 for d in $burn_devs; do
-  r=$(./target/release/trainer bench train "$MODEL" "$d" "$SEQ" "$STEPS" "$bprec" 2>/dev/null | tail -n 1)
+  r=$("$TRAINER" bench train "$MODEL" "$d" "$SEQ" "$STEPS" "$bprec" 2>/dev/null | tail -n 1)
   echo "arena-judge ($d): $r"
   results="$results, \"burn_$d\": $r"
 done
