@@ -25,6 +25,7 @@ done
 echo "== SPIR-V: the vendored cubecl-spirv is the crates.io release plus its one fix, and every kernel of f16"
 echo "   training and q4 prediction on wgpu passes spirv-val"
 bash scripts/check_vendored.sh
+bash scripts/check_features.sh
 bash scripts/check_spirv.sh
 
 echo "== a gemma-2-2b-wide q4 bundle (hidden 2304, 256k vocabulary, 4 of its 26 layers) and its native prediction"
