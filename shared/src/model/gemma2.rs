@@ -19,6 +19,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Gemma2Config, LayerType};
@@ -197,24 +198,86 @@ impl Attention {
             .forward(x)
             .reshape([batch, seq, kv, d])
             .swap_dims(1, 2); // [batch, kv, seq, d]
-        let out = grouped_attention(q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
+        let kernel = AttentionKernel::for_device(&q.device());
+        let out = grouped_attention(kernel, q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, seq, h * d]))
+    }
+}
+
+/// How a pass computes attention's scores, softmax and weighted sum. Both kernels compute the same function:
+/// the scores `q·k * scale`, **soft-capped** before the mask, a softmax in f32, **GQA** and the (sliding) causal
+/// mask; they differ in where the work runs and in what stays in memory between its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// transformers' eager attention, op by op: the `[batch, heads, seq, seq]` scores go through memory between the
+    /// matmul, the soft-cap's `tanh`, the mask and the softmax. On burn's GPU backend fusion joins the element-wise
+    /// ops into one kernel. Autodiff differentiates each op, which is what training needs.
+    Eager,
+    /// burn's `attention` op, which the CPU backend computes head by head, one head per thread, with the scores
+    /// of a head kept in the cache and computed in f32 (a half-precision input is widened first and the output
+    /// rounded once, where the eager kernel rounds the scores and the probabilities to the activation dtype).
+    /// On the eager path the soft-cap's `tanh`, the scale and the mask run as whole-tensor element-wise ops, which
+    /// the CPU backend runs on one core.
+    Fused,
+}
+
+impl AttentionKernel {
+    /// [`Fused`](Self::Fused) where burn has a fused kernel that computes what Gemma-2 does: the CPU backend,
+    /// outside autodiff (prediction, evaluation). [`Eager`](Self::Eager) elsewhere: burn 0.22's autodiff and its
+    /// GPU backend (without autotuning) implement the op by decomposing it (`attention_fallback`), which does not
+    /// share K/V heads between query heads (**GQA**) and computes the softmax in the scores' dtype, f16 in half
+    /// precision, where transformers computes it in f32.
+    pub fn for_device(device: &Device) -> Self {
+        if !device.is_autodiff() && *device == Device::flex() {
+            Self::Fused
+        } else {
+            Self::Eager
+        }
     }
 }
 
 /// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
 /// (transformers' `repeat_kv` order: query heads `[0, 1]` share K/V head 0, `[2, 3]` head 1, ...).
 ///
-/// transformers copies each K/V head `h / kv` times to match the query heads. Here a group's queries are
-/// instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one shared K/V head in a
-/// single matmul: no copies of keys and values forward, and no reduction of their copies' gradients backward, while
-/// each matmul is `h / kv` times taller. Every score is the same dot product either way.
-///
 /// # Shapes
 /// `q`: `[batch, h, seq, d]`, `k`, `v`: `[batch, kv, seq, d]`, `mask`: `[seq, seq]` (true = hidden)
 /// → `[batch, h, seq, d]`
 fn grouped_attention(
+    kernel: AttentionKernel,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<2, Bool>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor<4> {
+    match kernel {
+        AttentionKernel::Eager => eager_attention(q, k, v, mask, scale, softcap),
+        AttentionKernel::Fused => {
+            let seq = mask.dims()[0];
+            // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are.
+            burn::tensor::module::attention(
+                q,
+                k,
+                v,
+                Some(mask.reshape([1, 1, seq, seq])),
+                None,
+                AttentionModuleOptions {
+                    scale: Some(scale),
+                    softcap,
+                    is_causal: false,
+                },
+            )
+        }
+    }
+}
+
+/// [`AttentionKernel::Eager`]. transformers copies each K/V head `h / kv` times to match the query heads. Here a
+/// group's queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one
+/// shared K/V head in a single matmul: no copies of keys and values forward, and no reduction of their copies'
+/// gradients backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
+fn eager_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
@@ -775,9 +838,13 @@ mod tests {
         let q = Tensor::<4>::zeros([1, 4, 1, 1], &dev());
         let k = Tensor::<4>::zeros([1, 2, 1, 1], &dev());
         let v = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &dev());
-        let out = grouped_attention(q, k, v, attention_mask(1, None, &dev()), 1.0, None);
-        assert_eq!(out.dims(), [1, 4, 1, 1]);
-        assert_eq!(out.try_to_vec_as::<f32>().unwrap(), [1.0, 1.0, 2.0, 2.0]);
+        for kernel in [AttentionKernel::Eager, AttentionKernel::Fused] {
+            let mask = attention_mask(1, None, &dev());
+            let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask, 1.0, None);
+            assert_eq!(out.dims(), [1, 4, 1, 1], "{kernel:?}");
+            let got = out.try_to_vec_as::<f32>().unwrap();
+            assert_eq!(got, [1.0, 1.0, 2.0, 2.0], "{kernel:?}");
+        }
     }
 
     #[test]
@@ -791,35 +858,105 @@ mod tests {
         let k = Tensor::<4>::random([batch, kv, seq, d], dist, &dev());
         let v = Tensor::<4>::random([batch, kv, seq, d], dist, &dev());
         let mask = attention_mask(seq, Some(2), &dev());
-        let got = grouped_attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            mask.clone(),
-            0.5,
-            Some(5.0),
-        );
         let repeat = |x: Tensor<4>| {
             x.reshape([batch, kv, 1, seq, d])
                 .expand([batch, kv, h / kv, seq, d])
                 .reshape([batch, h, seq, d])
         };
-        let scores = q.matmul(repeat(k).swap_dims(2, 3)).mul_scalar(0.5);
+        let scores = q.clone().matmul(repeat(k.clone()).swap_dims(2, 3)).mul_scalar(0.5);
         let scores = scores.div_scalar(5.0).tanh().mul_scalar(5.0).mask_fill(
-            mask.unsqueeze::<4>().expand([batch, h, seq, seq]),
+            mask.clone().unsqueeze::<4>().expand([batch, h, seq, seq]),
             f32::NEG_INFINITY,
         );
-        let want = softmax(scores, 3).matmul(repeat(v));
-        let (got, want) = (
-            got.try_to_vec_as::<f32>().unwrap(),
-            want.try_to_vec_as::<f32>().unwrap(),
+        let want = softmax(scores, 3).matmul(repeat(v.clone()));
+        let want = want.try_to_vec_as::<f32>().unwrap();
+        for kernel in [AttentionKernel::Eager, AttentionKernel::Fused] {
+            let got = grouped_attention(
+                kernel,
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                mask.clone(),
+                0.5,
+                Some(5.0),
+            );
+            let worst = max_difference(&got.try_to_vec_as::<f32>().unwrap(), &want);
+            assert!(worst < 1e-6, "{kernel:?}: max |difference| {worst}");
+        }
+    }
+
+    fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    }
+
+    /// Query, key and value at Gemma-2's scale: 4 query heads on 2 K/V heads, 2 rows, 40 tokens, head_dim 16, with
+    /// a 1/sqrt(d)-ish scale and scores large enough for the soft-cap of 50 to bend them.
+    fn attention_inputs(dtype: DType) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let dist = burn::tensor::Distribution::Normal(0.0, 6.0);
+        let q = Tensor::<4>::random([2, 4, 40, 16], dist, &dev());
+        let k = Tensor::<4>::random([2, 2, 40, 16], dist, &dev());
+        let v = Tensor::<4>::random([2, 2, 40, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &dev());
+        (q.cast(dtype), k.cast(dtype), v.cast(dtype))
+    }
+
+    #[test]
+    fn fused_attention_equals_eager_attention_in_f32() {
+        let (q, k, v) = attention_inputs(DType::F32);
+        for window in [None, Some(7)] {
+            let run = |kernel| {
+                let mask = attention_mask(40, window, &dev());
+                let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask, 0.25, Some(50.0));
+                out.try_to_vec_as::<f32>().unwrap()
+            };
+            let worst = max_difference(&run(AttentionKernel::Fused), &run(AttentionKernel::Eager));
+            assert!(worst < 1e-5, "window {window:?}: max |difference| {worst}");
+        }
+    }
+
+    #[test]
+    fn fused_attention_in_half_precision_is_computed_in_f32_and_rounded_once() {
+        // The reference is f32 attention over the same half-precision inputs widened back to f32, so that the only
+        // difference left is where the kernel rounds: the fused kernel once, at its output (within one half-precision
+        // ulp of values below 4 in size); the eager kernel also rounds the scores and the probabilities on the way.
+        let (q, k, v) = attention_inputs(DType::F32);
+        let mask = || attention_mask(40, Some(7), &dev());
+        for (dtype, ulp) in [(DType::F16, 2f32.powi(-9)), (DType::BF16, 2f32.powi(-6))] {
+            let [q, k, v] = [&q, &k, &v].map(|x| x.clone().cast(dtype));
+            let widened = [&q, &k, &v].map(|x| x.clone().cast(DType::F32));
+            let [wq, wk, wv] = widened;
+            let exact = grouped_attention(AttentionKernel::Eager, wq, wk, wv, mask(), 0.25, Some(50.0));
+            let exact = exact.try_to_vec_as::<f32>().unwrap();
+            let run = |kernel| {
+                let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask(), 0.25, Some(50.0));
+                assert_eq!(out.dtype(), dtype, "{kernel:?} keeps the activation dtype");
+                out.try_to_vec_as::<f32>().unwrap()
+            };
+            let fused = run(AttentionKernel::Fused);
+            assert!(fused.iter().all(|x| x.is_finite()), "{dtype:?}");
+            let worst = max_difference(&fused, &exact);
+            assert!(worst <= ulp, "{dtype:?}: fused is {worst} from f32, more than one rounding");
+            let eager = max_difference(&run(AttentionKernel::Eager), &exact);
+            assert!(worst <= eager, "{dtype:?}: fused {worst}, eager {eager}");
+        }
+    }
+
+    #[test]
+    fn attention_kernel_is_fused_only_on_the_cpu_outside_autodiff() {
+        assert_eq!(AttentionKernel::for_device(&Device::flex()), AttentionKernel::Fused);
+        assert_eq!(
+            AttentionKernel::for_device(&Device::flex().autodiff()),
+            AttentionKernel::Eager,
+            "training differentiates through the eager ops"
         );
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-6, "max |difference| {worst}");
+        assert_eq!(
+            AttentionKernel::for_device(&Device::wgpu(Default::default())),
+            AttentionKernel::Eager,
+            "burn's GPU attention has no GQA and a half-precision softmax"
+        );
     }
 
     /// `gelu(x, approximate="tanh")` in f64.
