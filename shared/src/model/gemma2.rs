@@ -198,34 +198,34 @@ impl Attention {
             .forward(x)
             .reshape([batch, seq, kv, d])
             .swap_dims(1, 2); // [batch, kv, seq, d]
-        let kernel = AttentionKernel::for_device(&q.device());
+        let kernel = Kernel::for_device(&q.device());
         let out = grouped_attention(kernel, q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, seq, h * d]))
     }
 }
 
-/// How a pass computes attention's scores, softmax and weighted sum. Both kernels compute the same function:
-/// the scores `q·k * scale`, **soft-capped** before the mask, a softmax in f32, **GQA** and the (sliding) causal
-/// mask; they differ in where the work runs and in what stays in memory between its steps.
+/// How a pass computes the two places where Gemma-2 does element-wise work on large activations: attention (the
+/// scores' scale, **soft-cap**, mask and softmax) and the feed-forward's **GeGLU** (`gelu_tanh(gate) * up`). Both
+/// kernels compute the same functions; they differ in where the work runs and in what goes through memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionKernel {
-    /// transformers' eager attention, op by op: the `[batch, heads, seq, seq]` scores go through memory between the
-    /// matmul, the soft-cap's `tanh`, the mask and the softmax. On burn's GPU backend fusion joins the element-wise
-    /// ops into one kernel. Autodiff differentiates each op, which is what training needs.
+pub enum Kernel {
+    /// transformers' eager computation, op by op, each step's whole tensor written out for the next. On burn's GPU
+    /// backend fusion joins the element-wise ops into one kernel; autodiff differentiates each op, which is what
+    /// training needs. The CPU backend runs each element-wise op (tanh, the mask, every multiplication) as its own
+    /// pass over memory, on one core.
     Eager,
-    /// burn's `attention` op, which the CPU backend computes head by head, one head per thread, with the scores
-    /// of a head kept in the cache and computed in f32 (a half-precision input is widened first and the output
+    /// Attention through burn's `attention` op, which the CPU backend computes one head per thread, with each
+    /// head's scores kept in the cache and computed in f32 (a half-precision input is widened first and the output
     /// rounded once, where the eager kernel rounds the scores and the probabilities to the activation dtype).
-    /// On the eager path the soft-cap's `tanh`, the scale and the mask run as whole-tensor element-wise ops, which
-    /// the CPU backend runs on one core.
+    /// GeGLU in one pass over host memory split across threads ([`fused_geglu`]), with the same bits as eager.
     Fused,
 }
 
-impl AttentionKernel {
-    /// [`Fused`](Self::Fused) where burn has a fused kernel that computes what Gemma-2 does: the CPU backend,
-    /// outside autodiff (prediction, evaluation). [`Eager`](Self::Eager) elsewhere: burn 0.22's autodiff and its
-    /// GPU backend (without autotuning) implement the op by decomposing it (`attention_fallback`), which does not
+impl Kernel {
+    /// [`Fused`](Self::Fused) on the CPU backend outside autodiff (prediction, evaluation). [`Eager`](Self::Eager)
+    /// elsewhere: on the GPU fusion already joins the element-wise ops, and burn 0.22's autodiff and its GPU backend
+    /// (without autotuning) implement the attention op by decomposing it (`attention_fallback`), which does not
     /// share K/V heads between query heads (**GQA**) and computes the softmax in the scores' dtype, f16 in half
     /// precision, where transformers computes it in f32.
     pub fn for_device(device: &Device) -> Self {
@@ -244,7 +244,7 @@ impl AttentionKernel {
 /// `q`: `[batch, h, seq, d]`, `k`, `v`: `[batch, kv, seq, d]`, `mask`: `[seq, seq]` (true = hidden)
 /// → `[batch, h, seq, d]`
 fn grouped_attention(
-    kernel: AttentionKernel,
+    kernel: Kernel,
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
@@ -253,8 +253,8 @@ fn grouped_attention(
     softcap: Option<f64>,
 ) -> Tensor<4> {
     match kernel {
-        AttentionKernel::Eager => eager_attention(q, k, v, mask, scale, softcap),
-        AttentionKernel::Fused => {
+        Kernel::Eager => eager_attention(q, k, v, mask, scale, softcap),
+        Kernel::Fused => {
             let seq = mask.dims()[0];
             // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are.
             burn::tensor::module::attention(
@@ -273,7 +273,7 @@ fn grouped_attention(
     }
 }
 
-/// [`AttentionKernel::Eager`]. transformers copies each K/V head `h / kv` times to match the query heads. Here a
+/// [`Kernel::Eager`]. transformers copies each K/V head `h / kv` times to match the query heads. Here a
 /// group's queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one
 /// shared K/V head in a single matmul: no copies of keys and values forward, and no reduction of their copies'
 /// gradients backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
@@ -321,10 +321,83 @@ impl Mlp {
     /// # Shapes
     /// `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(gelu_tanh(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let kernel = Kernel::for_device(&x.device());
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj.forward(geglu(kernel, gate, self.up_proj.forward(x)))
     }
 }
+
+/// `gelu_tanh(gate) * up`, by `kernel`.
+fn geglu<const D: usize>(kernel: Kernel, gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    match kernel {
+        Kernel::Eager => gelu_tanh(gate) * up,
+        Kernel::Fused => fused_geglu(gate, up),
+    }
+}
+
+/// [`Kernel::Fused`]'s GeGLU, for tensors on the CPU backend: [`gelu_tanh`] and the product with `up` in one pass
+/// over the data in host memory, in parallel chunks, where the eager path makes ten passes in f32 and twelve in half
+/// precision (the casts, the cube, the scalings, `tanh`, the sums, the product), each on one core. It repeats the eager path's f32 operations in their
+/// order and rounds where it rounds (the GELU to the activation dtype, then the product), so that both give the
+/// same bits; there is no `mul_add` to contract, and Rust does not contract on its own.
+///
+/// Meant for the CPU backend, where reading a tensor's data is a copy in host memory; elsewhere it would copy the
+/// activations to the host and back.
+///
+/// # Panics
+/// If the tensors are not float tensors of the same shape and dtype.
+pub fn fused_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    use burn::tensor::Element;
+
+    /// Chunks small enough to split a `[1, 512, 2304]` activation (gemma-2-2b, one row) between many cores, large
+    /// enough that each is long work next to the cost of handing it to a thread.
+    const CHUNK: usize = 1 << 14;
+    fn apply<E: Element + Copy + Send + Sync>(gate: &mut [E], up: &[E], widen: fn(E) -> f32, narrow: fn(f32) -> E) {
+        let one = |g: &mut E, u: &E| {
+            let x = widen(*g);
+            let inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI as f32;
+            let gelu = narrow(x * (inner.tanh() + 1.0) * 0.5);
+            *g = narrow(widen(gelu) * widen(*u));
+        };
+        let chunk = |(g, u): (&mut [E], &[E])| g.iter_mut().zip(u).for_each(|(g, u)| one(g, u));
+        #[cfg(feature = "native")]
+        {
+            use rayon::prelude::*;
+            gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(chunk);
+        }
+        #[cfg(not(feature = "native"))]
+        gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).for_each(chunk);
+    }
+
+    let (device, dtype, dims) = (gate.device(), gate.dtype(), gate.dims());
+    assert_eq!(dims, up.dims(), "GeGLU: gate and up differ in shape");
+    let mut data = gate.into_data();
+    let up = up.into_data();
+    let slices = |data: &mut TensorData| -> Option<()> {
+        match dtype {
+            DType::F32 => apply(data.as_mut_slice::<f32>().ok()?, up.as_slice().ok()?, |x| x, |x| x),
+            DType::F16 => apply(
+                data.as_mut_slice::<half::f16>().ok()?,
+                up.as_slice().ok()?,
+                half::f16::to_f32,
+                half::f16::from_f32,
+            ),
+            DType::BF16 => apply(
+                data.as_mut_slice::<half::bf16>().ok()?,
+                up.as_slice().ok()?,
+                half::bf16::to_f32,
+                half::bf16::from_f32,
+            ),
+            _ => return None,
+        }
+        Some(())
+    };
+    slices(&mut data).unwrap_or_else(|| panic!("GeGLU: {dtype:?} activations, or gate and up in different dtypes"));
+    Tensor::from_data(data, (&device, dtype))
+}
+
+/// `sqrt(2/π)`, in the tanh GELU. burn scales an f32 tensor by it rounded to f32, as [`fused_geglu`] does.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 
 /// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`):
 /// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, computed in f32 whatever the activation dtype and rounded once,
@@ -336,7 +409,6 @@ impl Mlp {
 /// casts are element-wise work, which burn's fusion joins to its neighbours. burn's `gelu_approximate` computes the
 /// same formula with `powf` for the cube, which on the CPU backend costs more than the two multiplications here.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let dtype = x.dtype();
     let x = x.cast(FloatDType::F32);
     let cube = x.clone() * x.clone() * x.clone();
@@ -838,7 +910,7 @@ mod tests {
         let q = Tensor::<4>::zeros([1, 4, 1, 1], &dev());
         let k = Tensor::<4>::zeros([1, 2, 1, 1], &dev());
         let v = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2, 1, 1]), &dev());
-        for kernel in [AttentionKernel::Eager, AttentionKernel::Fused] {
+        for kernel in [Kernel::Eager, Kernel::Fused] {
             let mask = attention_mask(1, None, &dev());
             let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask, 1.0, None);
             assert_eq!(out.dims(), [1, 4, 1, 1], "{kernel:?}");
@@ -870,7 +942,7 @@ mod tests {
         );
         let want = softmax(scores, 3).matmul(repeat(v.clone()));
         let want = want.try_to_vec_as::<f32>().unwrap();
-        for kernel in [AttentionKernel::Eager, AttentionKernel::Fused] {
+        for kernel in [Kernel::Eager, Kernel::Fused] {
             let got = grouped_attention(
                 kernel,
                 q.clone(),
@@ -912,7 +984,7 @@ mod tests {
                 let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask, 0.25, Some(50.0));
                 out.try_to_vec_as::<f32>().unwrap()
             };
-            let worst = max_difference(&run(AttentionKernel::Fused), &run(AttentionKernel::Eager));
+            let worst = max_difference(&run(Kernel::Fused), &run(Kernel::Eager));
             assert!(worst < 1e-5, "window {window:?}: max |difference| {worst}");
         }
     }
@@ -928,34 +1000,56 @@ mod tests {
             let [q, k, v] = [&q, &k, &v].map(|x| x.clone().cast(dtype));
             let widened = [&q, &k, &v].map(|x| x.clone().cast(DType::F32));
             let [wq, wk, wv] = widened;
-            let exact = grouped_attention(AttentionKernel::Eager, wq, wk, wv, mask(), 0.25, Some(50.0));
+            let exact = grouped_attention(Kernel::Eager, wq, wk, wv, mask(), 0.25, Some(50.0));
             let exact = exact.try_to_vec_as::<f32>().unwrap();
             let run = |kernel| {
                 let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask(), 0.25, Some(50.0));
                 assert_eq!(out.dtype(), dtype, "{kernel:?} keeps the activation dtype");
                 out.try_to_vec_as::<f32>().unwrap()
             };
-            let fused = run(AttentionKernel::Fused);
+            let fused = run(Kernel::Fused);
             assert!(fused.iter().all(|x| x.is_finite()), "{dtype:?}");
             let worst = max_difference(&fused, &exact);
             assert!(worst <= ulp, "{dtype:?}: fused is {worst} from f32, more than one rounding");
-            let eager = max_difference(&run(AttentionKernel::Eager), &exact);
+            let eager = max_difference(&run(Kernel::Eager), &exact);
             assert!(worst <= eager, "{dtype:?}: fused {worst}, eager {eager}");
         }
     }
 
     #[test]
-    fn attention_kernel_is_fused_only_on_the_cpu_outside_autodiff() {
-        assert_eq!(AttentionKernel::for_device(&Device::flex()), AttentionKernel::Fused);
+    fn fused_geglu_gives_the_eager_bits() {
+        // Gate values over GELU's range (the cancelling negative tail, both sides of zero, f16's overflow of the
+        // cube) and up values of either sign, 42,000 of them: more than one parallel chunk, and not a multiple of one.
+        let n = 2 * 3 * 7000;
+        let gate: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618_034) % 1.0 - 0.5) * 90.0).collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.414_214) % 1.0 - 0.5) * 6.0).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensor =
+                |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [2, 3, 7000]), &dev()).cast(dtype);
+            let run = |kernel| {
+                let out = geglu(kernel, tensor(&gate), tensor(&up));
+                assert_eq!((out.dims(), out.dtype()), ([2, 3, 7000], dtype), "{kernel:?}");
+                out.try_to_vec_as::<f32>().unwrap()
+            };
+            let (eager, fused) = (run(Kernel::Eager), run(Kernel::Fused));
+            let differ = eager.iter().zip(&fused).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{dtype:?}: {differ} of {n} values differ");
+            assert!(eager.iter().any(|&x| x != 0.0 && x.abs() < 1e-3), "{dtype:?}: the small negative tail is there");
+        }
+    }
+
+    #[test]
+    fn kernel_is_fused_only_on_the_cpu_outside_autodiff() {
+        assert_eq!(Kernel::for_device(&Device::flex()), Kernel::Fused);
         assert_eq!(
-            AttentionKernel::for_device(&Device::flex().autodiff()),
-            AttentionKernel::Eager,
+            Kernel::for_device(&Device::flex().autodiff()),
+            Kernel::Eager,
             "training differentiates through the eager ops"
         );
         assert_eq!(
-            AttentionKernel::for_device(&Device::wgpu(Default::default())),
-            AttentionKernel::Eager,
-            "burn's GPU attention has no GQA and a half-precision softmax"
+            Kernel::for_device(&Device::wgpu(Default::default())),
+            Kernel::Eager,
+            "burn's GPU attention has no GQA and a half-precision softmax; fusion joins GeGLU's ops"
         );
     }
 
