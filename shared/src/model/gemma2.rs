@@ -240,6 +240,11 @@ impl Kernel {
 /// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
 /// (transformers' `repeat_kv` order: query heads `[0, 1]` share K/V head 0, `[2, 3]` head 1, ...).
 ///
+/// [`Kernel::Eager`]: transformers copies each K/V head `h / kv` times to match the query heads. Here a group's
+/// queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one shared K/V
+/// head in a single matmul: no copies of keys and values forward, and no reduction of their copies' gradients
+/// backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
+///
 /// # Shapes
 /// `q`: `[batch, h, seq, d]`, `k`, `v`: `[batch, kv, seq, d]`, `mask`: `[seq, seq]` (true = hidden)
 /// → `[batch, h, seq, d]`
@@ -252,39 +257,13 @@ fn grouped_attention(
     scale: f64,
     softcap: Option<f64>,
 ) -> Tensor<4> {
-    match kernel {
-        Kernel::Eager => eager_attention(q, k, v, mask, scale, softcap),
-        Kernel::Fused => {
-            let seq = mask.dims()[0];
-            // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are.
-            burn::tensor::module::attention(
-                q,
-                k,
-                v,
-                Some(mask.reshape([1, 1, seq, seq])),
-                None,
-                AttentionModuleOptions {
-                    scale: Some(scale),
-                    softcap,
-                    is_causal: false,
-                },
-            )
-        }
+    if kernel == Kernel::Fused {
+        let seq = mask.dims()[0];
+        // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are.
+        let mask = Some(mask.reshape([1, 1, seq, seq]));
+        let options = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
+        return burn::tensor::module::attention(q, k, v, mask, None, options);
     }
-}
-
-/// [`Kernel::Eager`]. transformers copies each K/V head `h / kv` times to match the query heads. Here a
-/// group's queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one
-/// shared K/V head in a single matmul: no copies of keys and values forward, and no reduction of their copies'
-/// gradients backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
-fn eager_attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<2, Bool>,
-    scale: f64,
-    softcap: Option<f64>,
-) -> Tensor<4> {
     let [batch, h, seq, d] = q.dims();
     let kv = k.dims()[1];
     let group = h / kv;
@@ -334,9 +313,10 @@ impl Mlp {
 
 /// [`Kernel::Fused`]'s GeGLU, for tensors on the CPU backend: [`gelu_tanh`] and the product with `up` in one pass
 /// over the data in host memory, in parallel chunks, where the eager path makes ten passes in f32 and twelve in half
-/// precision (the casts, the cube, the scalings, `tanh`, the sums, the product), each on one core. It repeats the eager path's f32 operations in their
-/// order and rounds where it rounds (the GELU to the activation dtype, then the product), so that both give the
-/// same bits; there is no `mul_add` to contract, and Rust does not contract on its own.
+/// precision (the casts, the cube, the scalings, `tanh`, the sums, the product), each on one core. It repeats the
+/// eager path's f32 operations in their order and rounds where it rounds (the GELU to the activation dtype, then the
+/// product), so that both give the same bits; there is no `mul_add` to contract, and Rust does not contract on its
+/// own.
 ///
 /// Meant for the CPU backend, where reading a tensor's data is a copy in host memory; elsewhere it would copy the
 /// activations to the host and back.
@@ -349,6 +329,7 @@ pub fn fused_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> 
     /// Chunks small enough to split a `[1, 512, 2304]` activation (gemma-2-2b, one row) between many cores, large
     /// enough that each is long work next to the cost of handing it to a thread.
     const CHUNK: usize = 1 << 14;
+
     fn apply<E: Element + Copy + Send + Sync>(gate: &mut [E], up: &[E], widen: fn(E) -> f32, narrow: fn(f32) -> E) {
         let one = |g: &mut E, u: &E| {
             let x = widen(*g);
