@@ -220,6 +220,53 @@ fn only_adapters_and_head_get_gradients_and_change() {
     assert!(moved > 3 * 5, "every B and the head move; {moved} moved");
 }
 
+/// Layers below the first adapter depend on no trainable parameter, so a LoRA step on the CPU computes them with
+/// the fused kernels prediction uses (`Kernel::for_inputs`), and the layers with adapters with the eager ops that
+/// autodiff differentiates. A trainable embedding makes every layer's activations tracked, and so the whole pass
+/// eager: the loss and the adapters' gradients agree with it, for a sliding and a global layer below the adapters.
+#[test]
+fn layers_below_the_first_adapter_change_no_gradient() {
+    let device = Device::flex().autodiff();
+    let adapters = LoraConfig {
+        first_layer: 2,
+        ..lora(4)
+    };
+    let model = perturb(config().init(&device).with_lora(&adapters, &device).unwrap(), &device);
+    let trainable = shared::train::trainable_ids(&model);
+    let split = rows(4, 48);
+    let ids: Vec<&[u32]> = (0..split.len()).map(|i| split.input_ids(i)).collect();
+    let labels: Vec<i32> = split.rows.iter().map(|r| r.label.index() as i32).collect();
+    let step = |model: &Gemma2ForSequenceClassification| {
+        let out = model.forward_batch(&collate(&ids, 0), &device);
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [4]), &device);
+        let loss = smoothed_cross_entropy(out, labels, 0.1);
+        let value = loss.clone().inner().try_to_vec_as::<f32>().unwrap()[0];
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let embedding = grads.get::<2>(model.model.embed_tokens.id).is_some();
+        let mut gradient = Vec::new();
+        for id in &trainable {
+            // The adapters' matrices, and the head's weight.
+            let g = match grads.get::<2>(*id) {
+                Some(g) => g.try_to_vec_as::<f32>(),
+                None => grads.get::<1>(*id).unwrap().try_to_vec_as::<f32>(),
+            };
+            gradient.extend(g.unwrap());
+        }
+        (value, gradient, embedding)
+    };
+    let (loss, gradient, embedding) = step(&model);
+    assert!(!embedding, "the embedding is frozen");
+    let mut eager = model.clone();
+    eager.model.embed_tokens = eager.model.embed_tokens.set_require_grad(true);
+    let (eager_loss, eager_gradient, embedding) = step(&eager);
+    assert!(embedding, "a trainable embedding is tracked through every layer");
+    assert!((loss - eager_loss).abs() < 1e-5, "loss {loss} against {eager_loss} all eager");
+    let err = relative_l1(&gradient, &eager_gradient);
+    assert!(err < 1e-5, "the gradient differs by {err:.2e} (relative L1)");
+    // Two different computations (the fused attention sums in another order), not one path taken twice.
+    assert!(gradient.iter().zip(&eager_gradient).any(|(a, b)| a.to_bits() != b.to_bits()));
+}
+
 #[test]
 fn a_tiny_model_memorises_32_training_rows() {
     let device = Device::flex().autodiff();

@@ -198,7 +198,7 @@ impl Attention {
             .forward(x)
             .reshape([batch, seq, kv, d])
             .swap_dims(1, 2); // [batch, kv, seq, d]
-        let kernel = Kernel::for_device(&q.device());
+        let kernel = Kernel::for_inputs(&[&q, &k, &v]);
         let out = grouped_attention(kernel, q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, seq, h * d]))
@@ -207,7 +207,8 @@ impl Attention {
 
 /// How a pass computes the two places where Gemma-2 does element-wise work on large activations: attention (the
 /// scores' scale, **soft-cap**, mask and softmax) and the feed-forward's **GeGLU** (`gelu_tanh(gate) * up`). Both
-/// kernels compute the same functions; they differ in where the work runs and in what goes through memory.
+/// kernels compute the same functions; they differ in where the work runs, in what goes through memory, and in
+/// whether autodiff can differentiate them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// transformers' eager computation, op by op, each step's whole tensor written out for the next. On burn's GPU
@@ -223,18 +224,49 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// [`Fused`](Self::Fused) on the CPU backend outside autodiff (prediction, evaluation). [`Eager`](Self::Eager)
-    /// elsewhere: on the GPU fusion already joins the element-wise ops, and burn 0.22's autodiff and its GPU backend
-    /// (without autotuning) implement the attention op by decomposing it (`attention_fallback`), which does not
-    /// share K/V heads between query heads (**GQA**) and computes the softmax in the scores' dtype, f16 in half
-    /// precision, where transformers computes it in f32.
-    pub fn for_device(device: &Device) -> Self {
-        if !device.is_autodiff() && *device == Device::flex() {
+    /// [`Fused`](Self::Fused) for inputs on the CPU backend that no gradient flows back through: outside autodiff
+    /// (prediction, evaluation), and in a training pass wherever the inputs depend on no trainable parameter. With
+    /// a frozen base that is every layer below the first adapter: the recipe's adapters start at layer 6, so a LoRA
+    /// step computes 6 of gemma-2-2b's 26 layers, and 6 of the mid benchmark preset's 8, as prediction does.
+    /// [`Eager`](Self::Eager) elsewhere: on the GPU fusion already joins the element-wise ops, and burn 0.22's
+    /// autodiff and its GPU backend (without autotuning) implement the attention op by decomposing it
+    /// (`attention_fallback`), which does not share K/V heads between query heads (**GQA**) and computes the softmax
+    /// in the scores' dtype, f16 in half precision, where transformers computes it in f32.
+    pub fn for_inputs<const D: usize>(inputs: &[&Tensor<D>]) -> Self {
+        if inputs.iter().all(|x| on_cpu(&x.device()) && !tracked(x)) {
             Self::Fused
         } else {
             Self::Eager
         }
     }
+}
+
+/// Whether `device` is the CPU backend, with or without autodiff.
+fn on_cpu(device: &Device) -> bool {
+    device.clone().inner() == Device::flex()
+}
+
+/// Whether autodiff records what is computed from `x`. Without the `native` feature (the browser) burn has no
+/// autodiff, so nothing is.
+fn tracked<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(feature = "native")]
+    return x.is_tracked();
+    #[cfg(not(feature = "native"))]
+    return {
+        let _ = x;
+        false
+    };
+}
+
+/// `x`, computed on `device`'s backend without autodiff, back on `device`: in a training pass, an untracked tensor
+/// on the autodiff device with the device's checkpointing strategy (operands that differ in it cannot meet).
+fn onto<const D: usize>(x: Tensor<D>, device: &Device) -> Tensor<D> {
+    #[cfg(feature = "native")]
+    if let Some(strategy) = device.gradient_checkpointing_strategy() {
+        return x.autodiff().with_gradient_checkpointing_strategy(strategy);
+    }
+    let _ = device;
+    x
 }
 
 /// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
@@ -258,11 +290,13 @@ fn grouped_attention(
     softcap: Option<f64>,
 ) -> Tensor<4> {
     if kernel == Kernel::Fused {
-        let seq = mask.dims()[0];
-        // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are.
-        let mask = Some(mask.reshape([1, 1, seq, seq]));
+        let (device, seq) = (q.device(), mask.dims()[0]);
+        // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are. Under
+        // autodiff (untracked inputs) it runs on the CPU backend itself: autodiff would decompose the op.
+        let mask = Some(mask.inner().reshape([1, 1, seq, seq]));
         let options = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
-        return burn::tensor::module::attention(q, k, v, mask, None, options);
+        let out = burn::tensor::module::attention(q.inner(), k.inner(), v.inner(), mask, None, options);
+        return onto(out, &device);
     }
     let [batch, h, seq, d] = q.dims();
     let kv = k.dims()[1];
@@ -301,11 +335,18 @@ impl Mlp {
     /// `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let gate = self.gate_proj.forward(x.clone());
-        let hidden = match Kernel::for_device(&gate.device()) {
+        let hidden = match Kernel::for_inputs(&[&gate, &x]) {
             // The GELU before `up` is computed, while `gate` may still be in the cache: computed after it, a
             // training step on the CPU took 5 to 10% longer (batch 1, where `gate` is a few MiB).
             Kernel::Eager => gelu_tanh(gate) * self.up_proj.forward(x),
-            Kernel::Fused => fused_geglu(gate, self.up_proj.forward(x)),
+            Kernel::Fused => {
+                let up = self.up_proj.forward(x);
+                // An adapter on `up_proj` alone makes `up` tracked, and then autodiff must see the eager ops.
+                match Kernel::for_inputs(&[&up]) {
+                    Kernel::Fused => fused_geglu(gate, up),
+                    Kernel::Eager => gelu_tanh(gate) * up,
+                }
+            }
         };
         self.down_proj.forward(hidden)
     }
@@ -319,7 +360,8 @@ impl Mlp {
 /// own.
 ///
 /// Meant for the CPU backend, where reading a tensor's data is a copy in host memory; elsewhere it would copy the
-/// activations to the host and back.
+/// activations to the host and back. On an autodiff device the result is a new, untracked tensor: autodiff cannot
+/// see through it, so [`Kernel::for_inputs`] picks it only for inputs no gradient flows back through.
 ///
 /// # Panics
 /// If the tensors are not float tensors of the same shape and dtype.
@@ -1020,18 +1062,47 @@ mod tests {
     }
 
     #[test]
-    fn kernel_is_fused_only_on_the_cpu_outside_autodiff() {
-        assert_eq!(Kernel::for_device(&Device::flex()), Kernel::Fused);
-        assert_eq!(
-            Kernel::for_device(&Device::flex().autodiff()),
-            Kernel::Eager,
-            "training differentiates through the eager ops"
-        );
-        assert_eq!(
-            Kernel::for_device(&Device::wgpu(Default::default())),
-            Kernel::Eager,
+    fn kernel_is_fused_on_the_cpu_where_no_gradient_flows() {
+        let x = || Tensor::<2>::ones([2, 3], &Device::flex());
+        assert_eq!(Kernel::for_inputs(&[&x()]), Kernel::Fused, "prediction");
+        let frozen = x().autodiff();
+        assert_eq!(Kernel::for_inputs(&[&frozen]), Kernel::Fused, "training, below the first adapter");
+        let trained = x().autodiff().require_grad();
+        let derived = frozen.clone().matmul(trained.clone().transpose());
+        for (tracked, why) in [(&trained, "a trainable parameter"), (&derived, "computed from one")] {
+            assert_eq!(Kernel::for_inputs(&[tracked]), Kernel::Eager, "{why}: autodiff differentiates the eager ops");
+            assert_eq!(Kernel::for_inputs(&[&frozen, tracked]), Kernel::Eager, "{why}, beside an untracked input");
+        }
+        assert!(on_cpu(&Device::flex().autodiff()));
+        assert!(
+            !on_cpu(&Device::wgpu(Default::default())),
             "burn's GPU attention has no GQA and a half-precision softmax; fusion joins GeGLU's ops"
         );
+    }
+
+    #[test]
+    fn fused_kernels_under_autodiff_give_untracked_tensors_on_the_autodiff_device() {
+        // Below the first adapter a training pass computes with the fused kernels on the CPU backend itself; their
+        // results must come back as untracked tensors of the autodiff device, so that the adapters above can meet
+        // them, and be the values prediction computes.
+        let device = Device::flex().autodiff();
+        let (q, k, v) = attention_inputs(DType::F32);
+        let mask = || attention_mask(40, Some(7), &dev());
+        let want = grouped_attention(Kernel::Fused, q.clone(), k.clone(), v.clone(), mask(), 0.25, Some(50.0));
+        let [q, k, v] = [q, k, v].map(Tensor::autodiff);
+        let got = grouped_attention(Kernel::Fused, q, k, v, mask().autodiff(), 0.25, Some(50.0));
+        let geglu = fused_geglu(got.clone(), got.clone());
+        for out in [&got, &geglu] {
+            assert!(out.device().is_autodiff() && !out.is_tracked());
+        }
+        let (got, want) = (got.inner().try_to_vec_as::<f32>().unwrap(), want.try_to_vec_as::<f32>().unwrap());
+        assert_eq!(max_difference(&got, &want), 0.0);
+        // An adapter-like trainable weight over the fused output: its gradient flows, with no mixing of
+        // checkpointing strategies.
+        let w = Tensor::<4>::ones([1, 1, 16, 1], &device).require_grad();
+        let grads = geglu.matmul(w.clone()).sum().backward();
+        let grad = w.grad(&grads).expect("the weight has a gradient");
+        assert!(grad.try_to_vec_as::<f32>().unwrap().iter().all(|g| g.is_finite() && *g != 0.0));
     }
 
     /// `gelu(x, approximate="tanh")` in f64.
