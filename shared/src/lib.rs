@@ -8,7 +8,8 @@
 //!   builder;
 //! - [`model`]: the Gemma-2 classifier and its LoRA adapters; [`plot`]: SVG pictures of a run;
 //! - with `native`, [`train`], [`report`], [`export`]: fine-tuning, the evaluation report, merged export;
-//!   [`run_dir`]: a training run's directory, locked by the process that uses it.
+//!   [`run_dir`]: a training run's directory, locked by the process that uses it; [`host_memory`]: the allocator's
+//!   settings for activations on the CPU.
 
 pub mod batch;
 pub mod bundle;
@@ -26,6 +27,8 @@ pub mod truncate;
 pub mod cache;
 #[cfg(feature = "native")]
 pub mod export;
+#[cfg(feature = "native")]
+pub mod host_memory;
 #[cfg(feature = "native")]
 pub mod prepare;
 #[cfg(feature = "native")]

@@ -455,6 +455,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before any model is loaded: activations on the CPU are then reused instead of new pages each time.
+    shared::host_memory::keep_freed_memory();
     match Cli::parse().command {
         Command::Prepare(args) => run_prepare(args),
         Command::Predict(args) => run_predict(args),
