@@ -13,7 +13,8 @@
 #
 # For a machine with no Rust toolchain and no network (an H200 lent through the device tool): run
 # bench/gpu_pack.sh here first, carry bench/out/gpu and run this script there from the repository root; then,
-# as a second call (what one call carries is limited to 64 MiB), carry bench/out/gpu-autotune and run
+# as a second call (what one call carries is limited to 64 MiB) and only where the session's device time allows
+# (15 minutes in all, each machine's start included; set BUDGET to fit), carry bench/out/gpu-autotune and run
 # `PART=autotune bash bench/gpu.sh`. It builds nothing, uses that machine's python3 (torch, transformers, peft),
 # gives every step its own timeout, stops starting new steps after BUDGET seconds (default 420, so a run stays
 # under 8 minutes), and writes its log and an archive of every step's output to $OUT (the device tool's folder)
@@ -91,35 +92,38 @@ if [ "$PART" = autotune ]; then
   [ -n "$default" ] && step big_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 5 f16 "$BIG_BATCH"
   step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
 else
-  # Forward, 8 x 512.
+  # In order of what the targets and the next speed work need most, so that when the budget runs out (the
+  # device tool lends a session 15 minutes in all, a machine's start included) what is cut is what matters least:
+  # our f16 forward and LoRA steps beside PyTorch's sdpa, the batch that fills the GPU, `trainer train` on real
+  # rows, where the device time goes; then the eager and f32 references, the recipe's micro-batches, and bf16.
   step fwd_torch_sdpa 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 sdpa
-  step fwd_torch_eager 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 eager
   step fwd_ours_f16 120 "$BIN/trainer" bench forward "$M" wgpu 8 512 10 f16
-  # A LoRA step, 1 x 512, and a batch that fills the GPU.
   step train_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 sdpa 1
-  step train_peft_eager 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 eager 1
-  step train_peft_f32 90 python3 bench/train_peft.py "$M" cuda 512 10 float32 eager 1
   step train_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f16 1
-  step train_ours_f32 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f32 1
   step big_peft_sdpa 90 python3 bench/train_peft.py "$M" cuda 512 5 bfloat16 sdpa "$BIG_BATCH"
   step big_ours_f16 120 "$BIN/trainer" bench train "$M" wgpu 512 5 f16 "$BIG_BATCH"
   # `trainer train` with default settings (wgpu, auto precision, batch 1 x 8 accumulated, each step's 8 rows
-  # computed as one micro-batch of up to 4096 padded tokens) on the real sample rows; then, side by side, the
-  # same with the recipe's micro-batches of one row (--micro-batch-tokens 0), for fewer steps.
+  # computed as one micro-batch of up to 4096 padded tokens) on the real sample rows.
   rm -rf "$W/run" "$W/run-unpacked"
   step trainer_train 150 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet --out "$W/run" \
     --max-steps 12 --logging-steps 2 --eval-steps 1000 --save-steps 1000
   [ -f "$W/run/log.jsonl" ] && cp "$W/run/log.jsonl" "$RES/trainer_train_log.jsonl"
+  # Where the device time of our f16 LoRA step and forward goes, by kind of kernel (bench/profile.sh: cubecl
+  # times every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above:
+  # the rest is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
+  step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
+    bash bench/profile.sh "$BIN/trainer" bench train "$M" wgpu 512 3 f16 1
+  step prof_fwd_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_fwd_f16" \
+    bash bench/profile.sh "$BIN/trainer" bench forward "$M" wgpu 8 512 3 f16
+  # The references beside those: PyTorch with eager attention, PEFT in f32 against ours in f32.
+  step fwd_torch_eager 90 python3 bench/forward_vs_pytorch.py run "$M" cuda 8 512 10 bfloat16 eager
+  step train_peft_eager 90 python3 bench/train_peft.py "$M" cuda 512 10 bfloat16 eager 1
+  step train_peft_f32 90 python3 bench/train_peft.py "$M" cuda 512 10 float32 eager 1
+  step train_ours_f32 120 "$BIN/trainer" bench train "$M" wgpu 512 10 f32 1
+  # The same `trainer train` with the recipe's micro-batches of one row (--micro-batch-tokens 0), for fewer steps.
   step trainer_train_unpacked 100 "$BIN/trainer" train --model "$M" --data data/arena-sample.parquet \
     --out "$W/run-unpacked" --micro-batch-tokens 0 --max-steps 6 --logging-steps 2 --eval-steps 1000 --save-steps 1000
   [ -f "$W/run-unpacked/log.jsonl" ] && cp "$W/run-unpacked/log.jsonl" "$RES/trainer_train_unpacked_log.jsonl"
-  # Where the device time of our f16 forward and LoRA step goes, by kind of kernel (bench/profile.sh: cubecl
-  # times every launch with the GPU's timestamps), set against the same benchmark's step time unprofiled above:
-  # the rest is time the GPU waited for the host. Fewer iterations: timing every launch serialises the kernels.
-  step prof_fwd_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_fwd_f16" \
-    bash bench/profile.sh "$BIN/trainer" bench forward "$M" wgpu 8 512 3 f16
-  step prof_train_f16 120 env STEPS=3 PROFILE_DIR="$W/prof_train_f16" \
-    bash bench/profile.sh "$BIN/trainer" bench train "$M" wgpu 512 3 f16 1
   # bf16 has f32's range, so it is the format to fall back on if gemma-2-2b's real activations pass f16's 65504.
   # Whether this GPU's Vulkan driver gives wgpu bf16 at all, and at what speed (refused in a second if not).
   step train_ours_bf16 60 "$BIN/trainer" bench train "$M" wgpu 512 5 bf16 1
