@@ -19,7 +19,6 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Gemma2Config, LayerType};
@@ -216,10 +215,12 @@ pub enum Kernel {
     /// training needs. The CPU backend runs each element-wise op (tanh, the mask, every multiplication) as its own
     /// pass over memory, on one core.
     Eager,
-    /// Attention through burn's `attention` op, which the CPU backend computes one head per thread, with each
-    /// head's scores kept in the cache and computed in f32 (a half-precision input is widened first and the output
-    /// rounded once, where the eager kernel rounds the scores and the probabilities to the activation dtype).
-    /// GeGLU in one pass over host memory split across threads ([`fused_geglu`]), with the same bits as eager.
+    /// Attention as the eager kernel's two matmuls in f32, and between them the scale, soft-cap, mask and softmax in
+    /// one pass over host memory split across threads, over each query's visible keys only
+    /// ([`softcapped_softmax`](super::cpu_kernels::softcapped_softmax)); a half-precision input is widened first and
+    /// the output rounded once, where the eager kernel also rounds the scores and the probabilities. GeGLU in one
+    /// pass over host memory split across threads ([`fused_geglu`]). Both with a `tanh` the compiler vectorises
+    /// ([`cpu_kernels::tanh`](super::cpu_kernels::tanh)).
     Fused,
 }
 
@@ -228,10 +229,9 @@ impl Kernel {
     /// (prediction, evaluation), and in a training pass wherever the inputs depend on no trainable parameter. With
     /// a frozen base that is every layer below the first adapter: the recipe's adapters start at layer 6, so a LoRA
     /// step computes 6 of gemma-2-2b's 26 layers, and 6 of the mid benchmark preset's 8, as prediction does.
-    /// [`Eager`](Self::Eager) elsewhere: on the GPU fusion already joins the element-wise ops, and burn 0.22's
-    /// autodiff and its GPU backend (without autotuning) implement the attention op by decomposing it
-    /// (`attention_fallback`), which does not share K/V heads between query heads (**GQA**) and computes the softmax
-    /// in the scores' dtype, f16 in half precision, where transformers computes it in f32.
+    /// [`Eager`](Self::Eager) elsewhere: autodiff differentiates only the eager ops, and on the GPU fusion already
+    /// joins the element-wise ops, where the fused kernels' host passes would copy the activations to the host and
+    /// back.
     pub fn for_inputs<const D: usize>(inputs: &[&Tensor<D>]) -> Self {
         if inputs.iter().all(|x| on_cpu(&x.device()) && !tracked(x)) {
             Self::Fused
@@ -272,7 +272,7 @@ fn onto<const D: usize>(x: Tensor<D>, device: &Device) -> Tensor<D> {
 /// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
 /// (transformers' `repeat_kv` order: query heads `[0, 1]` share K/V head 0, `[2, 3]` head 1, ...).
 ///
-/// [`Kernel::Eager`]: transformers copies each K/V head `h / kv` times to match the query heads. Here a group's
+/// transformers copies each K/V head `h / kv` times to match the query heads. Here a group's
 /// queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one shared K/V
 /// head in a single matmul: no copies of keys and values forward, and no reduction of their copies' gradients
 /// backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
@@ -289,18 +289,27 @@ fn grouped_attention(
     scale: f64,
     softcap: Option<f64>,
 ) -> Tensor<4> {
-    if kernel == Kernel::Fused {
-        let (device, seq) = (q.device(), mask.dims()[0]);
-        // The mask broadcasts over batch and heads; burn's op takes GQA's fewer K/V heads as they are. Under
-        // autodiff (untracked inputs) it runs on the CPU backend itself: autodiff would decompose the op.
-        let mask = Some(mask.inner().reshape([1, 1, seq, seq]));
-        let options = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
-        let out = burn::tensor::module::attention(q.inner(), k.inner(), v.inner(), mask, None, options);
-        return onto(out, &device);
-    }
     let [batch, h, seq, d] = q.dims();
     let kv = k.dims()[1];
     let group = h / kv;
+    if kernel == Kernel::Fused {
+        // The two matmuls as below, in f32 on the CPU backend itself (under autodiff the inputs are untracked), and
+        // between them the scale, soft-cap, mask and softmax as one parallel pass over the visible scores.
+        let (device, dtype) = (q.device(), q.dtype());
+        let f32 = |x: Tensor<4>| x.inner().cast(FloatDType::F32);
+        let scores = f32(q)
+            .reshape([batch, kv, group * seq, d])
+            .matmul(f32(k).swap_dims(2, 3));
+        let hidden = mask.inner().try_to_vec_as::<bool>();
+        let mut scores = scores.into_data();
+        let (Ok(hidden), Ok(rows)) = (hidden, scores.as_mut_slice::<f32>()) else {
+            unreachable!("a mask on the host, and an f32 matmul's output");
+        };
+        super::cpu_kernels::softcapped_softmax(rows, &hidden, seq, scale as f32, softcap.map(|c| c as f32));
+        let probs = Tensor::<4>::from_data(scores, &device.clone().inner());
+        let out = probs.matmul(f32(v)).reshape([batch, h, seq, d]).cast(dtype);
+        return onto(out, &device);
+    }
     let mut scores = q
         .reshape([batch, kv, group * seq, d])
         .matmul(k.swap_dims(2, 3))
@@ -356,8 +365,10 @@ impl Mlp {
 /// over the data in host memory, in parallel chunks, where the eager path makes ten passes in f32 and twelve in half
 /// precision (the casts, the cube, the scalings, `tanh`, the sums, the product), each on one core. It repeats the
 /// eager path's f32 operations in their order and rounds where it rounds (the GELU to the activation dtype, then the
-/// product), so that both give the same bits; there is no `mul_add` to contract, and Rust does not contract on its
-/// own.
+/// product; there is no `mul_add` to contract, and Rust does not contract on its own), with one difference: `tanh`
+/// is [`cpu_kernels::tanh`](super::cpu_kernels::tanh), which the compiler vectorises, where the eager path calls
+/// glibc's once per value (in f32 a sixth of a forward pass went to those calls). Both are within 1.4 ulp of the
+/// exact value; 99.7% of f32 results keep the eager bits (tested).
 ///
 /// Meant for the CPU backend, where reading a tensor's data is a copy in host memory; elsewhere it would copy the
 /// activations to the host and back. On an autodiff device the result is a new, untracked tensor: autodiff cannot
@@ -372,11 +383,17 @@ pub fn fused_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> 
     /// enough that each is long work next to the cost of handing it to a thread.
     const CHUNK: usize = 1 << 14;
 
-    fn apply<E: Element + Copy + Send + Sync>(gate: &mut [E], up: &[E], widen: fn(E) -> f32, narrow: fn(f32) -> E) {
+    // The conversions are type parameters, not function pointers, so that the f32 loop inlines and vectorises.
+    fn apply<E, W, N>(gate: &mut [E], up: &[E], widen: W, narrow: N)
+    where
+        E: Element + Copy + Send + Sync,
+        W: Fn(E) -> f32 + Copy + Send + Sync,
+        N: Fn(f32) -> E + Copy + Send + Sync,
+    {
         let one = |g: &mut E, u: &E| {
             let x = widen(*g);
             let inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI as f32;
-            let gelu = narrow(x * (inner.tanh() + 1.0) * 0.5);
+            let gelu = narrow(x * (super::cpu_kernels::tanh(inner) + 1.0) * 0.5);
             *g = narrow(widen(gelu) * widen(*u));
         };
         let chunk = |(g, u): (&mut [E], &[E])| g.iter_mut().zip(u).for_each(|(g, u)| one(g, u));
@@ -1036,8 +1053,24 @@ mod tests {
         }
     }
 
+    /// The spacing of `dtype`'s values at `v`.
+    fn spacing(v: f32, dtype: DType) -> f32 {
+        let v = v.abs();
+        match dtype {
+            DType::F16 => {
+                let h = half::f16::from_f32(v);
+                half::f16::from_bits(h.to_bits() + 1).to_f32() - h.to_f32()
+            }
+            DType::BF16 => {
+                let h = half::bf16::from_f32(v);
+                half::bf16::from_bits(h.to_bits() + 1).to_f32() - h.to_f32()
+            }
+            _ => f32::from_bits(v.to_bits() + 1) - v,
+        }
+    }
+
     #[test]
-    fn fused_geglu_gives_the_eager_bits() {
+    fn fused_geglu_is_the_eager_geglu_but_for_tanh() {
         // Gate values over GELU's range (the cancelling negative tail, both sides of zero, f16's overflow of the
         // cube) and up values of either sign, 42,000 of them: more than one parallel chunk, and not a multiple of one.
         let n = 2 * 3 * 7000;
@@ -1046,18 +1079,33 @@ mod tests {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let tensor =
                 |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [2, 3, 7000]), &dev()).cast(dtype);
+            let values = |t: Tensor<3>| t.try_to_vec_as::<f32>().unwrap();
             let run = |kernel| {
                 let out = match kernel {
                     Kernel::Eager => gelu_tanh(tensor(&gate)) * tensor(&up),
                     Kernel::Fused => fused_geglu(tensor(&gate), tensor(&up)),
                 };
                 assert_eq!((out.dims(), out.dtype()), ([2, 3, 7000], dtype), "{kernel:?}");
-                out.try_to_vec_as::<f32>().unwrap()
+                values(out)
             };
             let (eager, fused) = (run(Kernel::Eager), run(Kernel::Fused));
-            let differ = eager.iter().zip(&fused).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(differ, 0, "{dtype:?}: {differ} of {n} values differ");
-            assert!(eager.iter().any(|&x| x != 0.0 && x.abs() < 1e-3), "{dtype:?}: the small negative tail is there");
+            let eager_gelu = values(gelu_tanh(tensor(&gate)));
+            let (x, u) = (values(tensor(&gate)), values(tensor(&up)));
+            // The same operations in the same order and roundings, but for `tanh`: glibc's and cpu_kernels' are
+            // each within 1.4 ulp of the exact value, and |tanh| < 1, so they differ by less than 2^-22; through
+            // `0.5 x (1 + tanh) u` that moves a value by at most 0.5 |x u| 2^-20 with the roundings on the way, and
+            // the rounding of the GELU and of the product to the dtype can land on the other neighbour.
+            let mut same = 0;
+            for i in 0..n {
+                let bound = 0.5 * (x[i] * u[i]).abs() * 2f32.powi(-20)
+                    + spacing(eager_gelu[i], dtype) * u[i].abs()
+                    + spacing(eager[i], dtype);
+                let d = (fused[i] - eager[i]).abs();
+                assert!(d <= bound, "{dtype:?}: gate {} up {}: fused {} eager {}", x[i], u[i], fused[i], eager[i]);
+                same += usize::from(fused[i].to_bits() == eager[i].to_bits());
+            }
+            assert!(same * 100 >= n * 99, "{dtype:?}: only {same} of {n} values equal");
+            assert!(fused.iter().any(|&x| x != 0.0 && x.abs() < 1e-3), "{dtype:?}: the small negative tail is there");
         }
     }
 

@@ -1,6 +1,7 @@
 //! The Gemma-2 sequence classifier: configuration, modules, and Hugging Face checkpoint loading.
 
 pub mod config;
+pub mod cpu_kernels;
 pub mod flops;
 pub mod gemma2;
 pub mod load;
