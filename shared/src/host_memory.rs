@@ -5,7 +5,7 @@
 //! KiB at first, raised to the size of each such block freed, at most 32 MiB) with fresh pages from the kernel, and
 //! hands free memory at the top of its heap back to the kernel beyond its trim threshold (twice the mmap threshold).
 //! So most activations came back as new pages, which the kernel zeroes on first touch: `clear_page_erms` took 7% of
-//! the forward pass's CPU time under `perf`, and a LoRA step ran 1.24x as fast with both thresholds raised (README,
+//! the forward pass's CPU time under `perf`, and a LoRA step ran 1.16x as fast with both thresholds raised (README,
 //! "Benchmarks"), at the same peak memory.
 
 /// Freed blocks up to this size stay with the allocator for reuse: above a gemma-2-2b activation at 8 × 512 tokens
