@@ -221,9 +221,11 @@ fn only_adapters_and_head_get_gradients_and_change() {
 }
 
 /// Layers below the first adapter depend on no trainable parameter, so a LoRA step on the CPU computes them with
-/// the fused kernels prediction uses (`Kernel::for_inputs`), and the layers with adapters with the eager ops that
-/// autodiff differentiates. A trainable embedding makes every layer's activations tracked, and so the whole pass
-/// eager: the loss and the adapters' gradients agree with it, for a sliding and a global layer below the adapters.
+/// the fused kernels prediction uses, untracked (`Kernel::for_inputs`), and the layers with adapters with the same
+/// host passes linearised for autodiff. A trainable embedding makes every layer's activations tracked, and so every
+/// layer linearised: same values, so the adapters' gradients must agree to the bit. And on wgpu every layer is
+/// computed op by op and differentiated by autodiff, as transformers does: the loss and the gradients agree with
+/// that within f32 rounding, for a sliding and a global layer below the adapters and two with them.
 #[test]
 fn layers_below_the_first_adapter_change_no_gradient() {
     let device = Device::flex().autodiff();
@@ -236,9 +238,9 @@ fn layers_below_the_first_adapter_change_no_gradient() {
     let split = rows(4, 48);
     let ids: Vec<&[u32]> = (0..split.len()).map(|i| split.input_ids(i)).collect();
     let labels: Vec<i32> = split.rows.iter().map(|r| r.label.index() as i32).collect();
-    let step = |model: &Gemma2ForSequenceClassification| {
-        let out = model.forward_batch(&collate(&ids, 0), &device);
-        let labels = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [4]), &device);
+    let step = |model: &Gemma2ForSequenceClassification, device: &Device| {
+        let out = model.forward_batch(&collate(&ids, 0), device);
+        let labels = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [4]), device);
         let loss = smoothed_cross_entropy(out, labels, 0.1);
         let value = loss.clone().inner().try_to_vec_as::<f32>().unwrap()[0];
         let grads = GradientsParams::from_grads(loss.backward(), model);
@@ -254,17 +256,20 @@ fn layers_below_the_first_adapter_change_no_gradient() {
         }
         (value, gradient, embedding)
     };
-    let (loss, gradient, embedding) = step(&model);
+    let (loss, gradient, embedding) = step(&model, &device);
     assert!(!embedding, "the embedding is frozen");
-    let mut eager = model.clone();
-    eager.model.embed_tokens = eager.model.embed_tokens.set_require_grad(true);
-    let (eager_loss, eager_gradient, embedding) = step(&eager);
+    let mut tracked = model.clone();
+    tracked.model.embed_tokens = tracked.model.embed_tokens.set_require_grad(true);
+    let (tracked_loss, tracked_gradient, embedding) = step(&tracked, &device);
     assert!(embedding, "a trainable embedding is tracked through every layer");
+    assert_eq!(loss.to_bits(), tracked_loss.to_bits());
+    assert!(gradient.iter().zip(&tracked_gradient).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    // `fork` keeps which parameters are trainable, as leaves on the new device.
+    let (eager_loss, eager_gradient, _) = step(&model.clone().fork(&gpu), &gpu);
     assert!((loss - eager_loss).abs() < 1e-5, "loss {loss} against {eager_loss} all eager");
     let err = relative_l1(&gradient, &eager_gradient);
-    assert!(err < 1e-5, "the gradient differs by {err:.2e} (relative L1)");
-    // Two different computations (the fused attention sums in another order), not one path taken twice.
-    assert!(gradient.iter().zip(&eager_gradient).any(|(a, b)| a.to_bits() != b.to_bits()));
+    assert!(err < 1e-4, "the gradient differs by {err:.2e} (relative L1) from the eager one");
 }
 
 #[test]

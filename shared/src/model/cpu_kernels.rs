@@ -67,19 +67,42 @@ pub fn tanh(x: f32) -> f32 {
 /// The operations on each score are the eager path's, in its order (the scale, the division by the cap, `tanh`,
 /// the cap; the maximum, `exp` of the difference, the sum, the division), so that the two differ only in `tanh`
 /// and in the order the sum is taken.
-pub fn softcapped_softmax(scores: &mut [f32], hidden: &[bool], seq: usize, scale: f32, softcap: Option<f32>) {
+///
+/// With `slopes` (as long as `scores`), the same pass also writes there each probability times the derivative of
+/// its soft-capped score by the raw one, `p · scale · (1 - tanh²)` (`p · scale` without a cap; 0 where `p` is):
+/// what the softmax's gradient needs ([`Kernel::Linearised`](super::gemma2::Kernel)).
+pub fn softcapped_softmax(
+    scores: &mut [f32],
+    slopes: Option<&mut [f32]>,
+    hidden: &[bool],
+    seq: usize,
+    scale: f32,
+    softcap: Option<f32>,
+) {
     assert_eq!(hidden.len(), seq * seq, "the mask is [seq, seq]");
     assert_eq!(scores.len() % seq.max(1), 0, "scores come in rows of seq keys");
-    let row = |(r, row): (usize, &mut [f32])| {
+    if seq == 0 {
+        return;
+    }
+    let row = |r: usize, row: &mut [f32], mut slope: Option<&mut [f32]>| {
         let hidden = &hidden[(r % seq) * seq..][..seq];
         let (Some(first), Some(last)) = (hidden.iter().position(|h| !h), hidden.iter().rposition(|h| !h)) else {
             row.fill(0.0);
+            slope.iter_mut().for_each(|s| s.fill(0.0));
             return;
         };
         let (span, hidden) = (&mut row[first..=last], &hidden[first..=last]);
-        match softcap {
-            Some(cap) => span.iter_mut().for_each(|s| *s = tanh(*s * scale / cap) * cap),
-            None => span.iter_mut().for_each(|s| *s *= scale),
+        match (softcap, slope.as_deref_mut()) {
+            (Some(cap), None) => span.iter_mut().for_each(|s| *s = tanh(*s * scale / cap) * cap),
+            (Some(cap), Some(slope)) => span.iter_mut().zip(&mut slope[first..=last]).for_each(|(s, d)| {
+                let t = tanh(*s * scale / cap);
+                *d = scale * (1.0 - t * t);
+                *s = t * cap;
+            }),
+            (None, slope) => {
+                span.iter_mut().for_each(|s| *s *= scale);
+                slope.into_iter().for_each(|d| d[first..=last].fill(scale));
+            }
         }
         let max = span
             .iter()
@@ -94,18 +117,41 @@ pub fn softcapped_softmax(scores: &mut [f32], hidden: &[bool], seq: usize, scale
         span.iter_mut().for_each(|s| *s /= sum);
         row[..first].fill(0.0);
         row[last + 1..].fill(0.0);
+        if let Some(slope) = slope {
+            slope.iter_mut().zip(row.iter()).for_each(|(d, p)| *d = if *p == 0.0 { 0.0 } else { *d * p });
+        }
     };
-    if seq == 0 {
-        return;
+    match slopes {
+        None => rows(scores, seq, |r, s| row(r, s, None)),
+        Some(slopes) => {
+            assert_eq!(slopes.len(), scores.len(), "a slope for each score");
+            rows2(scores, slopes, seq, |r, s, d| row(r, s, Some(d)));
+        }
     }
+}
+
+/// `f(r, row)` for each row of `seq` values, in parallel where the `native` feature brings rayon, at least 16 rows
+/// per task: a row is a few microseconds of work.
+fn rows(values: &mut [f32], seq: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     #[cfg(feature = "native")]
     {
         use rayon::prelude::*;
-        // At least 16 rows per task: a row is a few microseconds of work.
-        scores.par_chunks_mut(seq).enumerate().with_min_len(16).for_each(row);
+        values.par_chunks_mut(seq).enumerate().with_min_len(16).for_each(|(r, row)| f(r, row));
     }
     #[cfg(not(feature = "native"))]
-    scores.chunks_mut(seq).enumerate().for_each(row);
+    values.chunks_mut(seq).enumerate().for_each(|(r, row)| f(r, row));
+}
+
+/// [`rows`] over two arrays of the same layout at once.
+fn rows2(a: &mut [f32], b: &mut [f32], seq: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) {
+    #[cfg(feature = "native")]
+    {
+        use rayon::prelude::*;
+        let pairs = a.par_chunks_mut(seq).zip(b.par_chunks_mut(seq)).enumerate().with_min_len(16);
+        pairs.for_each(|(r, (a, b))| f(r, a, b));
+    }
+    #[cfg(not(feature = "native"))]
+    a.chunks_mut(seq).zip(b.chunks_mut(seq)).enumerate().for_each(|(r, (a, b))| f(r, a, b));
 }
 
 #[cfg(test)]
@@ -156,7 +202,7 @@ mod tests {
         let hidden: Vec<bool> = (0..seq * seq).map(|i| (i % seq) > i / seq || i / seq >= (i % seq) + 3).collect();
         let raw: Vec<f32> = (0..2 * seq * seq).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.9).collect();
         let mut got = raw.clone();
-        softcapped_softmax(&mut got, &hidden, seq, 0.5, Some(4.0));
+        softcapped_softmax(&mut got, None, &hidden, seq, 0.5, Some(4.0));
         for (r, (row, raw)) in got.chunks(seq).zip(raw.chunks(seq)).enumerate() {
             let hidden = &hidden[(r % seq) * seq..][..seq];
             let capped: Vec<f64> = raw.iter().map(|s| 4.0 * (f64::from(*s) * 0.5 / 4.0).tanh()).collect();
@@ -169,7 +215,7 @@ mod tests {
         }
         // A row with nothing visible is 0, not NaN.
         let mut all_hidden = vec![1.0f32; 4];
-        softcapped_softmax(&mut all_hidden, &[true; 4], 2, 1.0, None);
+        softcapped_softmax(&mut all_hidden, None, &[true; 4], 2, 1.0, None);
         assert_eq!(all_hidden, [0.0; 4]);
     }
 }

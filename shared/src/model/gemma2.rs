@@ -205,9 +205,9 @@ impl Attention {
 }
 
 /// How a pass computes the two places where Gemma-2 does element-wise work on large activations: attention (the
-/// scores' scale, **soft-cap**, mask and softmax) and the feed-forward's **GeGLU** (`gelu_tanh(gate) * up`). Both
-/// kernels compute the same functions; they differ in where the work runs, in what goes through memory, and in
-/// whether autodiff can differentiate them.
+/// scores' scale, **soft-cap**, mask and softmax) and the feed-forward's **GeGLU** (`gelu_tanh(gate) * up`). All
+/// three kernels compute the same functions; they differ in where the work runs, in what goes through memory, and
+/// in how autodiff differentiates them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// transformers' eager computation, op by op, each step's whole tensor written out for the next. On burn's GPU
@@ -220,23 +220,32 @@ pub enum Kernel {
     /// ([`softcapped_softmax`](super::cpu_kernels::softcapped_softmax)); a half-precision input is widened first and
     /// the output rounded once, where the eager kernel also rounds the scores and the probabilities. GeGLU in one
     /// pass over host memory split across threads ([`fused_geglu`]). Both with a `tanh` the compiler vectorises
-    /// ([`cpu_kernels::tanh`](super::cpu_kernels::tanh)).
+    /// ([`cpu_kernels::tanh`](super::cpu_kernels::tanh)). The results are untracked: autodiff cannot see into the
+    /// host passes.
     Fused,
+    /// [`Fused`](Self::Fused)'s values, with gradients: the host passes also write each function's derivative, and
+    /// the result is handed to autodiff as its first-order expansion at the inputs' own values, `f(x₀) + f'(x₀) ·
+    /// (x - x₀)` with `x₀ = x.detach()`. The second term is zero, so the value is `f(x₀)`, the fused kernel's; the
+    /// gradient autodiff finds is `f'(x₀)`, the function's own. For the softmax, whose derivative is not
+    /// element-wise, the term is its Jacobian times the change, `p ⊙ (c - Σ p c)` with `c` the soft-capped scores'
+    /// change. Autodiff records a few multiplications and sums in place of the eager kernel's chain of `tanh`,
+    /// `exp` and the rest, each of them recorded, and differentiated on one core.
+    Linearised,
 }
 
 impl Kernel {
-    /// [`Fused`](Self::Fused) for inputs on the CPU backend that no gradient flows back through: outside autodiff
-    /// (prediction, evaluation), and in a training pass wherever the inputs depend on no trainable parameter. With
-    /// a frozen base that is every layer below the first adapter: the recipe's adapters start at layer 6, so a LoRA
-    /// step computes 6 of gemma-2-2b's 26 layers, and 6 of the mid benchmark preset's 8, as prediction does.
-    /// [`Eager`](Self::Eager) elsewhere: autodiff differentiates only the eager ops, and on the GPU fusion already
-    /// joins the element-wise ops, where the fused kernels' host passes would copy the activations to the host and
-    /// back.
+    /// On the CPU backend, [`Fused`](Self::Fused) for inputs no gradient flows back through: outside autodiff
+    /// (prediction, evaluation), and in a training pass wherever the inputs depend on no trainable parameter (with
+    /// a frozen base, every layer below the first adapter); [`Linearised`](Self::Linearised) where one does.
+    /// [`Eager`](Self::Eager) on other backends: on the GPU fusion already joins the element-wise ops, where the
+    /// host passes would copy the activations to the host and back.
     pub fn for_inputs<const D: usize>(inputs: &[&Tensor<D>]) -> Self {
-        if inputs.iter().all(|x| on_cpu(&x.device()) && !tracked(x)) {
-            Self::Fused
-        } else {
+        if !inputs.iter().all(|x| on_cpu(&x.device())) {
             Self::Eager
+        } else if inputs.iter().any(|x| tracked(x)) {
+            Self::Linearised
+        } else {
+            Self::Fused
         }
     }
 }
@@ -292,23 +301,44 @@ fn grouped_attention(
     let [batch, h, seq, d] = q.dims();
     let kv = k.dims()[1];
     let group = h / kv;
-    if kernel == Kernel::Fused {
-        // The two matmuls as below, in f32 on the CPU backend itself (under autodiff the inputs are untracked), and
-        // between them the scale, soft-cap, mask and softmax as one parallel pass over the visible scores.
+    if kernel != Kernel::Eager {
+        // The two matmuls as below, in f32, and between them the scale, soft-cap, mask and softmax as one parallel
+        // pass over the visible scores. Fused computes on the CPU backend itself (under autodiff its inputs are
+        // untracked); Linearised on the inputs' device, where autodiff records the matmuls.
         let (device, dtype) = (q.device(), q.dtype());
-        let f32 = |x: Tensor<4>| x.inner().cast(FloatDType::F32);
+        let linearised = kernel == Kernel::Linearised;
+        let f32 = |x: Tensor<4>| if linearised { x } else { x.inner() }.cast(FloatDType::F32);
         let scores = f32(q)
             .reshape([batch, kv, group * seq, d])
             .matmul(f32(k).swap_dims(2, 3));
-        let hidden = mask.inner().try_to_vec_as::<bool>();
-        let mut scores = scores.into_data();
-        let (Ok(hidden), Ok(rows)) = (hidden, scores.as_mut_slice::<f32>()) else {
-            unreachable!("a mask on the host, and an f32 matmul's output");
+        let (mut probs, scores) = match linearised {
+            true => (scores.clone().inner().into_data(), Some(scores)),
+            false => (scores.into_data(), None),
         };
-        super::cpu_kernels::softcapped_softmax(rows, &hidden, seq, scale as f32, softcap.map(|c| c as f32));
-        let probs = Tensor::<4>::from_data(scores, &device.clone().inner());
-        let out = probs.matmul(f32(v)).reshape([batch, h, seq, d]).cast(dtype);
-        return onto(out, &device);
+        // Every slope is written; the copy only gives the array its shape.
+        let mut slopes = scores.as_ref().map(|_| probs.clone());
+        let host_pass = || -> Option<()> {
+            let hidden = mask.inner().try_to_vec_as::<bool>().ok()?;
+            let slopes = match slopes.as_mut() {
+                Some(slopes) => Some(slopes.as_mut_slice::<f32>().ok()?),
+                None => None,
+            };
+            let (rows, cap) = (probs.as_mut_slice::<f32>().ok()?, softcap.map(|c| c as f32));
+            super::cpu_kernels::softcapped_softmax(rows, slopes, &hidden, seq, scale as f32, cap);
+            Some(())
+        };
+        host_pass().unwrap_or_else(|| unreachable!("a mask on the host, and an f32 matmul's output"));
+        let (Some(scores), Some(slopes)) = (scores, slopes) else {
+            let probs = Tensor::<4>::from_data(probs, &device.clone().inner());
+            let out = probs.matmul(f32(v)).reshape([batch, h, seq, d]).cast(dtype);
+            return onto(out, &device);
+        };
+        let [probs, slopes] = [probs, slopes].map(|x| Tensor::<4>::from_data(x, (&device, DType::F32)));
+        // The softmax's Jacobian times the soft-capped scores' change: zero in value, the softmax's gradient.
+        let change = slopes * (scores.clone() - scores.detach());
+        let total = change.clone().sum_dim(3);
+        let probs = probs.clone() + (change - probs * total);
+        return probs.matmul(f32(v)).reshape([batch, h, seq, d]).cast(dtype);
     }
     let mut scores = q
         .reshape([batch, kv, group * seq, d])
@@ -348,11 +378,12 @@ impl Mlp {
             // The GELU before `up` is computed, while `gate` may still be in the cache: computed after it, a
             // training step on the CPU took 5 to 10% longer (batch 1, where `gate` is a few MiB).
             Kernel::Eager => gelu_tanh(gate) * self.up_proj.forward(x),
-            Kernel::Fused => {
+            Kernel::Fused | Kernel::Linearised => {
                 let up = self.up_proj.forward(x);
-                // An adapter on `up_proj` alone makes `up` tracked, and then autodiff must see the eager ops.
-                match Kernel::for_inputs(&[&up]) {
+                // An adapter on `up_proj` alone makes `up` tracked where `gate` is not.
+                match Kernel::for_inputs(&[&gate, &up]) {
                     Kernel::Fused => fused_geglu(gate, up),
+                    Kernel::Linearised => linearised_geglu(gate, up),
                     Kernel::Eager => gelu_tanh(gate) * up,
                 }
             }
@@ -377,51 +408,94 @@ impl Mlp {
 /// # Panics
 /// If the tensors are not float tensors of the same shape and dtype.
 pub fn fused_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    geglu_pass::<D, false>(gate, up).0
+}
+
+/// [`Kernel::Linearised`]'s GeGLU: [`fused_geglu`]'s value, which autodiff differentiates as the eager GeGLU.
+///
+/// The host pass that computes `gelu(gate)` also computes its slope times `up`, `gelu'(gate) · up`, both untracked.
+/// The result is then written as its first-order expansion at the inputs' own values,
+/// `gelu(gate) · up + gelu'(gate) · up · (gate - gate.detach())`: the second term is zero, so the value is
+/// [`fused_geglu`]'s bit for bit, and its gradients are `gelu'(gate) · up` for `gate` and `gelu(gate)` for `up`, the
+/// GeGLU's own. Four element-wise ops for autodiff to record and two for it to run backward, where the eager GeGLU
+/// records ten in f32 (among them glibc's `tanh`, one scalar call per value), each with its own backward.
+///
+/// # Panics
+/// As [`fused_geglu`].
+pub fn linearised_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    let (gelu, slope) = geglu_pass::<D, true>(gate.clone(), up.clone());
+    let offset = gate.clone() - gate.detach();
+    gelu * up + slope * offset
+}
+
+/// The host pass of [`fused_geglu`] (`LINEARISED` false: the product in the first tensor, the second is `up`) and
+/// of [`linearised_geglu`] (`LINEARISED`: the GELU in the first tensor, its slope times `up` in the second; where
+/// that overflows the dtype it saturates at its largest finite value, so that times zero it stays zero).
+fn geglu_pass<const D: usize, const LINEARISED: bool>(gate: Tensor<D>, up: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
     use burn::tensor::Element;
 
     /// Chunks small enough to split a `[1, 512, 2304]` activation (gemma-2-2b, one row) between many cores, large
     /// enough that each is long work next to the cost of handing it to a thread.
     const CHUNK: usize = 1 << 14;
+    const CUBE: f32 = 0.044715;
 
     // The conversions are type parameters, not function pointers, so that the f32 loop inlines and vectorises.
-    fn apply<E, W, N>(gate: &mut [E], up: &[E], widen: W, narrow: N)
+    fn apply<E, W, N, const LINEARISED: bool>(gate: &mut [E], up: &mut [E], largest: f32, widen: W, narrow: N)
     where
         E: Element + Copy + Send + Sync,
         W: Fn(E) -> f32 + Copy + Send + Sync,
         N: Fn(f32) -> E + Copy + Send + Sync,
     {
-        let one = |g: &mut E, u: &E| {
+        let one = |g: &mut E, u: &mut E| {
             let x = widen(*g);
-            let inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI as f32;
-            let gelu = narrow(x * (super::cpu_kernels::tanh(inner) + 1.0) * 0.5);
-            *g = narrow(widen(gelu) * widen(*u));
+            let inner = (x + x * x * x * CUBE) * SQRT_2_OVER_PI as f32;
+            let t = super::cpu_kernels::tanh(inner);
+            let gelu = narrow(x * (t + 1.0) * 0.5);
+            if LINEARISED {
+                // d/dx of 0.5 x (1 + tanh(c (x + a x³))).
+                let dinner = SQRT_2_OVER_PI as f32 * (1.0 + 3.0 * CUBE * x * x);
+                let slope = (t + 1.0) * 0.5 + x * 0.5 * (1.0 - t * t) * dinner;
+                *g = gelu;
+                *u = narrow((slope * widen(*u)).clamp(-largest, largest));
+            } else {
+                *g = narrow(widen(gelu) * widen(*u));
+            }
         };
-        let chunk = |(g, u): (&mut [E], &[E])| g.iter_mut().zip(u).for_each(|(g, u)| one(g, u));
+        let chunk = |(g, u): (&mut [E], &mut [E])| g.iter_mut().zip(u).for_each(|(g, u)| one(g, u));
         #[cfg(feature = "native")]
         {
             use rayon::prelude::*;
-            gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(chunk);
+            gate.par_chunks_mut(CHUNK).zip(up.par_chunks_mut(CHUNK)).for_each(chunk);
         }
         #[cfg(not(feature = "native"))]
-        gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).for_each(chunk);
+        gate.chunks_mut(CHUNK).zip(up.chunks_mut(CHUNK)).for_each(chunk);
     }
 
     let (device, dtype, dims) = (gate.device(), gate.dtype(), gate.dims());
     assert_eq!(dims, up.dims(), "GeGLU: gate and up differ in shape");
     let mut data = gate.into_data();
-    let up = up.into_data();
-    let slices = |data: &mut TensorData| -> Option<()> {
+    let mut up = up.into_data();
+    let mut slices = || -> Option<()> {
+        let (g, u) = (&mut data, &mut up);
         match dtype {
-            DType::F32 => apply(data.as_mut_slice::<f32>().ok()?, up.as_slice().ok()?, |x| x, |x| x),
-            DType::F16 => apply(
-                data.as_mut_slice::<half::f16>().ok()?,
-                up.as_slice().ok()?,
+            DType::F32 => apply::<_, _, _, LINEARISED>(
+                g.as_mut_slice::<f32>().ok()?,
+                u.as_mut_slice().ok()?,
+                f32::MAX,
+                |x| x,
+                |x| x,
+            ),
+            DType::F16 => apply::<_, _, _, LINEARISED>(
+                g.as_mut_slice::<half::f16>().ok()?,
+                u.as_mut_slice().ok()?,
+                half::f16::MAX.to_f32(),
                 half::f16::to_f32,
                 half::f16::from_f32,
             ),
-            DType::BF16 => apply(
-                data.as_mut_slice::<half::bf16>().ok()?,
-                up.as_slice().ok()?,
+            DType::BF16 => apply::<_, _, _, LINEARISED>(
+                g.as_mut_slice::<half::bf16>().ok()?,
+                u.as_mut_slice().ok()?,
+                half::bf16::MAX.to_f32(),
                 half::bf16::to_f32,
                 half::bf16::from_f32,
             ),
@@ -429,8 +503,8 @@ pub fn fused_geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> 
         }
         Some(())
     };
-    slices(&mut data).unwrap_or_else(|| panic!("GeGLU: {dtype:?} activations, or gate and up in different dtypes"));
-    Tensor::from_data(data, (&device, dtype))
+    slices().unwrap_or_else(|| panic!("GeGLU: {dtype:?} activations, or gate and up in different dtypes"));
+    (Tensor::from_data(data, (&device, dtype)), Tensor::from_data(up, (&device, dtype)))
 }
 
 /// `sqrt(2/π)`, in the tanh GELU. burn scales an f32 tensor by it rounded to f32, as [`fused_geglu`] does.
@@ -1084,6 +1158,7 @@ mod tests {
                 let out = match kernel {
                     Kernel::Eager => gelu_tanh(tensor(&gate)) * tensor(&up),
                     Kernel::Fused => fused_geglu(tensor(&gate), tensor(&up)),
+                    Kernel::Linearised => unreachable!("tested against Fused"),
                 };
                 assert_eq!((out.dims(), out.dtype()), ([2, 3, 7000], dtype), "{kernel:?}");
                 values(out)
@@ -1110,7 +1185,7 @@ mod tests {
     }
 
     #[test]
-    fn kernel_is_fused_on_the_cpu_where_no_gradient_flows() {
+    fn kernel_is_fused_on_the_cpu_and_linearised_where_a_gradient_flows() {
         let x = || Tensor::<2>::ones([2, 3], &Device::flex());
         assert_eq!(Kernel::for_inputs(&[&x()]), Kernel::Fused, "prediction");
         let frozen = x().autodiff();
@@ -1118,14 +1193,105 @@ mod tests {
         let trained = x().autodiff().require_grad();
         let derived = frozen.clone().matmul(trained.clone().transpose());
         for (tracked, why) in [(&trained, "a trainable parameter"), (&derived, "computed from one")] {
-            assert_eq!(Kernel::for_inputs(&[tracked]), Kernel::Eager, "{why}: autodiff differentiates the eager ops");
-            assert_eq!(Kernel::for_inputs(&[&frozen, tracked]), Kernel::Eager, "{why}, beside an untracked input");
+            assert_eq!(Kernel::for_inputs(&[tracked]), Kernel::Linearised, "{why}");
+            assert_eq!(Kernel::for_inputs(&[&frozen, tracked]), Kernel::Linearised, "{why}, beside an untracked input");
         }
         assert!(on_cpu(&Device::flex().autodiff()));
         assert!(
             !on_cpu(&Device::wgpu(Default::default())),
             "burn's GPU attention has no GQA and a half-precision softmax; fusion joins GeGLU's ops"
         );
+    }
+
+    /// Relative L1 distance of `got` from `want`.
+    fn relative_l1(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let diff: f32 = got.iter().zip(want).map(|(a, b)| (a - b).abs()).sum();
+        diff / want.iter().map(|b| b.abs()).sum::<f32>()
+    }
+
+    #[test]
+    fn linearised_attention_has_the_fused_values_and_the_eager_gradients() {
+        // Scores large enough for the soft-cap to bend them (where its slope, 1 - tanh², is well below 1), a
+        // sliding and a causal mask, with and without a cap; the loss weighs each output by a random weight, so
+        // that every query, key and value gets a gradient of its own.
+        let device = Device::flex().autodiff();
+        let (q, k, v) = attention_inputs(DType::F32);
+        let weights = Tensor::<4>::random([2, 4, 40, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &dev());
+        for (window, softcap) in [(Some(7), Some(50.0)), (None, Some(50.0)), (None, None)] {
+            let mask = || attention_mask(40, window, &device);
+            let run = |kernel| {
+                let [q, k, v] = [&q, &k, &v].map(|x| Tensor::<4>::from_data(x.to_data(), &device).require_grad());
+                let out = grouped_attention(kernel, q.clone(), k.clone(), v.clone(), mask(), 0.25, softcap);
+                let loss = (out.clone() * Tensor::from_data(weights.to_data(), &device)).sum();
+                let grads = loss.backward();
+                let grad = |x: &Tensor<4>| x.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap();
+                (out.inner().try_to_vec_as::<f32>().unwrap(), [grad(&q), grad(&k), grad(&v)])
+            };
+            let (q, k, v, mask) = (q.clone(), k.clone(), v.clone(), mask().inner());
+            let fused = grouped_attention(Kernel::Fused, q, k, v, mask, 0.25, softcap);
+            let (out, grads) = run(Kernel::Linearised);
+            assert_eq!(out, fused.try_to_vec_as::<f32>().unwrap(), "{window:?} {softcap:?}: the fused values");
+            let (_, eager) = run(Kernel::Eager);
+            for (name, (got, want)) in ["q", "k", "v"].iter().zip(grads.iter().zip(&eager)) {
+                let err = relative_l1(got, want);
+                assert!(err < 1e-5, "{window:?} {softcap:?}: d/d{name} differs by {err:.2e} (relative L1)");
+            }
+        }
+    }
+
+    #[test]
+    fn linearised_geglu_has_the_fused_values_and_the_eager_gradients() {
+        let device = Device::flex().autodiff();
+        let n = 3 * 7000;
+        let gate: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618_034) % 1.0 - 0.5) * 16.0).collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.414_214) % 1.0 - 0.5) * 6.0).collect();
+        let weights: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.302_776) % 1.0 - 0.5) * 2.0).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensor = |v: &[f32], device: &Device| {
+                Tensor::<3>::from_data(TensorData::new(v.to_vec(), [1, 3, 7000]), device).cast(dtype)
+            };
+            let run = |linearised| {
+                let [gate, up] = [&gate, &up].map(|v| tensor(v, &device).require_grad());
+                let out = match linearised {
+                    true => linearised_geglu(gate.clone(), up.clone()),
+                    false => gelu_tanh(gate.clone()) * up.clone(),
+                };
+                assert_eq!(out.dtype(), dtype);
+                let loss = (out.clone().cast(DType::F32) * tensor(&weights, &device).cast(DType::F32)).sum();
+                let grads = loss.backward();
+                let grad = |x: &Tensor<3>| x.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap();
+                (out.inner().try_to_vec_as::<f32>().unwrap(), [grad(&gate), grad(&up)])
+            };
+            let fused = fused_geglu(tensor(&gate, &dev()), tensor(&up, &dev()));
+            let (out, grads) = run(true);
+            let fused = fused.try_to_vec_as::<f32>().unwrap();
+            // Equal values; a GELU of -0 (from a tiny negative gate) becomes +0 by the added zero term.
+            assert!(out.iter().zip(&fused).all(|(a, b)| a == b), "{dtype:?}: the fused values");
+            let (_, eager) = run(false);
+            // In half precision the gradients are rounded to the dtype, after one multiplication here and after
+            // several in f32 there.
+            let tolerance = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
+            for (name, (got, want)) in ["gate", "up"].iter().zip(grads.iter().zip(&eager)) {
+                let err = relative_l1(got, want);
+                assert!(err < tolerance, "{dtype:?}: d/d{name} differs by {err:.2e} (relative L1)");
+            }
+        }
+    }
+
+    #[test]
+    fn a_linearised_geglu_slope_beyond_f16_saturates_and_keeps_the_value() {
+        // gelu(1) · 65000 = 54,700 fits f16; the slope, gelu'(1) · 65000 = 70,000, does not. Left infinite, it
+        // would turn the value NaN through `slope · 0`.
+        let device = Device::flex().autodiff();
+        let f16 = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), (&device, DType::F16));
+        let (gate, up) = (f16(1.0).require_grad(), f16(65000.0).require_grad());
+        let out = linearised_geglu(gate.clone(), up);
+        let value = out.clone().inner().try_to_vec_as::<f32>().unwrap()[0];
+        assert!((value - 54_672.0).abs() < 64.0, "{value}");
+        let grads = out.sum().backward();
+        let slope = gate.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap()[0];
+        assert_eq!(slope, half::f16::MAX.to_f32());
     }
 
     #[test]
