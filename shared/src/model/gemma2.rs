@@ -251,7 +251,7 @@ impl Kernel {
 }
 
 /// Whether `device` is the CPU backend, with or without autodiff.
-fn on_cpu(device: &Device) -> bool {
+pub(super) fn on_cpu(device: &Device) -> bool {
     device.clone().inner() == Device::flex()
 }
 
