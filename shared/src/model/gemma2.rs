@@ -315,8 +315,7 @@ fn grouped_attention(
             true => (scores.clone().inner().into_data(), Some(scores)),
             false => (scores.into_data(), None),
         };
-        // Every slope is written; the copy only gives the array its shape.
-        let mut slopes = scores.as_ref().map(|_| probs.clone());
+        let mut slopes = scores.as_ref().map(|_| TensorData::zeros::<f32, _>([batch, kv, group * seq, seq]));
         let host_pass = || -> Option<()> {
             let hidden = mask.inner().try_to_vec_as::<bool>().ok()?;
             let slopes = match slopes.as_mut() {
