@@ -1,6 +1,6 @@
 """PyTorch side of the forward benchmark, and the model both sides load.
 
-    python bench/forward_vs_pytorch.py make DIR [--preset mid|2b] [--device cuda --dtype bfloat16]
+    python bench/forward_vs_pytorch.py make DIR [--preset mid|2b|2b-graph] [--device cuda --dtype bfloat16]
     python bench/forward_vs_pytorch.py run DIR [cpu|cuda] BATCH SEQ ITERS [dtype] [eager|sdpa]
 
 `make` writes a random Gemma2ForSequenceClassification (f32 by default). On a GPU, `--device cuda --dtype bfloat16`
@@ -18,6 +18,10 @@ PRESETS = {
     # Mid-size: fits a 2-core CPU run in minutes, keeps the real 256k vocabulary.
     "mid": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64),
+    # google/gemma-2-2b's graph (26 layers, 8 heads, 4 KV heads) at a width where the device's work is small:
+    # the same tensor operations and kernel launches per step, for bench/host_work.sh.
+    "2b-graph": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=26, num_attention_heads=8,
+                     num_key_value_heads=4, head_dim=8, query_pre_attn_scalar=8),
     # google/gemma-2-2b's shape.
     "2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
                num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),

@@ -6,6 +6,7 @@
 //! prebuilt binaries, and one binary compresses to about half of what three did (bench/gpu_pack.sh), which is
 //! what keeps what travels there under its size limit.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,6 +29,82 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// CPU time each of this process's threads has run (Linux: `/proc/self/task/*/schedstat`, nanoseconds), summed by
+/// thread name with trailing digits dropped ("llvmpipe-3" counts as "llvmpipe-"), so that thread pools add up; the
+/// main thread as "main".
+/// An empty map where the kernel does not report it.
+fn thread_cpu_seconds() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let Some(ns) = stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        // Threads that never named themselves carry the process's name, as the main thread does.
+        let name = if task.file_name().to_str() == Some(std::process::id().to_string().as_str()) {
+            "main".to_string()
+        } else {
+            name.trim().trim_end_matches(|c: char| c.is_ascii_digit()).to_string()
+        };
+        *out.entry(name).or_insert(0.0) += ns as f64 * 1e-9;
+    }
+    out
+}
+
+/// What each group of threads ran on the CPU between two `thread_cpu_seconds` readings, per timed iteration, as
+/// JSON, largest first. Set against the wall time of an iteration, the threads that queue the work (`main`, and
+/// cubecl's device threads `DSU-`/`DSD-`) says how much of a step is host work: where it
+/// nears the step's time, the GPU waits for the host. A thread that ended in between is not counted.
+fn cpu_per_iteration(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    iters: usize,
+) -> serde_json::Value {
+    let mut spent: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, &t)| (name.clone(), t - before.get(name).copied().unwrap_or(0.0)))
+        .filter(|(_, t)| *t > 0.0)
+        .collect();
+    spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+    serde_json::Value::Object(
+        spent
+            .into_iter()
+            .map(|(name, t)| (name, serde_json::json!(t / iters as f64)))
+            .collect(),
+    )
+}
+
+/// Tells a `perf record --control fifo:CTL,ACK -D -1` that wraps this benchmark to sample only the timed
+/// iterations: `BENCH_PERF_CONTROL` names the control fifo, and `BENCH_PERF_ACK` its acknowledgement fifo, read
+/// before going on so that no timed work escapes the samples (bench/host_work.sh). Nothing without the variable.
+fn perf_control(command: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let Some(ctl) = std::env::var_os("BENCH_PERF_CONTROL") else {
+        return Ok(());
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ctl)
+        .and_then(|mut f| f.write_all(format!("{command}\n").as_bytes()))
+        .map_err(|e| anyhow::anyhow!("BENCH_PERF_CONTROL {}: {e}", ctl.to_string_lossy()))?;
+    if let Some(ack) = std::env::var_os("BENCH_PERF_ACK") {
+        let mut reply = [0u8; 4];
+        std::fs::File::open(&ack)
+            .and_then(|mut f| f.read_exact(&mut reply))
+            .map_err(|e| anyhow::anyhow!("BENCH_PERF_ACK {}: {e}", ack.to_string_lossy()))?;
+    }
+    Ok(())
 }
 
 /// `batch` rows of `seq` random token ids (never the special ids 0-2).
@@ -71,11 +148,15 @@ pub fn forward(
         Ok(())
     };
     run()?;
+    perf_control("enable")?;
+    let cpu_before = thread_cpu_seconds();
     let start = Instant::now();
     for _ in 0..iters {
         run()?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    perf_control("disable")?;
+    let cpu = cpu_per_iteration(&cpu_before, &thread_cpu_seconds(), iters);
     Ok(serde_json::json!({
         "rows_per_s": (batch * iters) as f64 / seconds,
         "seconds_per_batch": seconds / iters as f64,
@@ -83,6 +164,7 @@ pub fn forward(
         "flops_per_token": shared::model::flops::forward_flops_per_token(&loaded.model, seq),
         "peak_rss_mib": peak_rss_mib(),
         "autotune": shared::model::placement::AUTOTUNE,
+        "cpu_seconds_per_batch_by_thread": cpu,
     }))
 }
 
@@ -184,11 +266,15 @@ pub fn train(
         }
     }
     let warmup_overflows = overflows;
+    perf_control("enable")?;
+    let cpu_before = thread_cpu_seconds();
     let start = Instant::now();
     for s in warmup_steps..warmup_steps + steps {
         (model, overflows) = step(model, s)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    perf_control("disable")?;
+    let cpu = cpu_per_iteration(&cpu_before, &thread_cpu_seconds(), steps);
     let flops =
         shared::model::flops::training_flops_per_token(&model, seq, model.first_adapted_layer());
     Ok(serde_json::json!({
@@ -201,5 +287,6 @@ pub fn train(
         "warmup_steps": warmup_steps,
         "warmup_overflows": warmup_overflows,
         "timed_overflows": overflows - warmup_overflows,
+        "cpu_seconds_per_step_by_thread": cpu,
     }))
 }
