@@ -207,6 +207,19 @@ if os.environ["PART"] == "autotune":
         if a and b and key in a and key in b:
             print(f"autotuned, {label}: {a[key] / b[key]:.2f}x the default build")
     raise SystemExit
+def host_cpu(name, per_step_key, cpu_key, label):
+    # CPU time of the threads that queue a step, per step, beside the step's wall time (bench/host_work.sh says why
+    # it is an upper bound of their work: a thread whose next queue is full spins and yields, which counts too).
+    r = load(name)
+    if not r or cpu_key not in r or per_step_key not in r:
+        return
+    cpu = {k.rstrip("-0123456789"): v for k, v in r[cpu_key].items()}
+    parts = ", ".join(f"{k} {1000 * cpu[k]:,.1f}" for k in ("main", "DSU", "DSD") if k in cpu)
+    print(f"\nhost CPU per step, {label}: {parts} ms (main thread, burn's fusion, the cubecl server), "
+          f"of a {1000 * r[per_step_key]:,.1f} ms step")
+host_cpu("fwd_ours_f16", "seconds_per_batch", "cpu_seconds_per_batch_by_thread", "forward f16, 8 x 512")
+host_cpu("train_ours_f16", "seconds_per_step", "cpu_seconds_per_step_by_thread", "LoRA step f16, 1 x 512")
+host_cpu("big_ours_f16", "seconds_per_step", "cpu_seconds_per_step_by_thread", "LoRA step f16, big batch")
 profile("prof_fwd_f16", "fwd_ours_f16", "seconds_per_batch", "forward f16, 8 x 512")
 profile("prof_train_f16", "train_ours_f16", "seconds_per_step", "LoRA step f16, 1 x 512")
 def last_log(name):
