@@ -142,6 +142,33 @@ impl Rope {
             .reshape([batch, seq, heads, head_dim]);
         x * cos + swapped * sin
     }
+
+    /// [`apply`](Self::apply) to heads in the head-major layout of the GPU's attention ([`Attention::forward`]):
+    /// the same products, with the tables read transposed (views) and the flip along the head's two halves.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, heads, head_dim, seq]` → same
+    pub fn apply_t(&self, x: Tensor<4>) -> Tensor<4> {
+        let [batch, heads, head_dim, seq] = x.dims();
+        let half = head_dim / 2;
+        let dtype = x.dtype();
+        let table = |t: &Tensor<2>| {
+            let t = if t.dims()[0] == seq {
+                t.clone()
+            } else {
+                t.clone().narrow(0, 0, seq)
+            };
+            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
+            t.transpose().reshape([1, 1, head_dim, seq])
+        };
+        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        let swapped = x
+            .clone()
+            .reshape([batch, heads, 2, half, seq])
+            .flip([2])
+            .reshape([batch, heads, head_dim, seq]);
+        x * cos + swapped * sin
+    }
 }
 
 /// `true` where a query may *not* look: the future, and for a sliding layer anything `window` or more tokens
@@ -184,6 +211,20 @@ impl Attention {
     /// # Shapes
     /// `x`: `[batch, seq, hidden]`, `mask`: `[seq, seq]` (true = hidden) → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
+        let packed = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .any(|p| p.quantized && p.in_kernel);
+        match on_cpu(&x.device()) || packed {
+            true => self.forward_token_major(x, rope, mask),
+            false => self.forward_head_major(x, rope, mask),
+        }
+    }
+
+    /// Attention in the projections' own layout, a token's heads side by side (`[batch, seq, heads, head_dim]`),
+    /// seen as `[batch, heads, seq, head_dim]` for the matmuls: the CPU's path, whose fused kernels read any
+    /// layout, and the path of weights packed for the GPU's matmul kernel. On a GPU each such view of a head is
+    /// copied before a matmul (its heads interleave in memory, which the matmul kernels do not read in place).
+    pub fn forward_token_major(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = rope
@@ -201,6 +242,26 @@ impl Attention {
         let out = grouped_attention(kernel, q, k, v, mask, self.scale, self.softcap); // [batch, h, seq, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, seq, h * d]))
+    }
+
+    /// Attention with every head a matrix of its own in memory, the GPU's path. The projections are computed
+    /// transposed ([`Projection::forward_t`]: `Wᵀ xᵀ`, `[batch, heads · head_dim, seq]`), so each head is a
+    /// contiguous `[head_dim, seq]` block, which the matmul kernels read in place, transposed or not. The token-major
+    /// path copied the queries, keys and values and the attention's output before or after a matmul in every
+    /// layer (4 copy kernels per layer forward, more for their gradients backward); here nothing is copied, and
+    /// `o_proj`'s output comes back as a transposed view of `[batch, seq, hidden]`. The same products, in the
+    /// same precision.
+    pub fn forward_head_major(&self, x: Tensor<3>, rope: &Rope, mask: Tensor<2, Bool>) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let xt = x.swap_dims(1, 2); // [batch, hidden, seq], a view
+        let q = rope.apply_t(self.q_proj.forward_t(xt.clone()).reshape([batch, h, d, seq]));
+        let k = rope.apply_t(self.k_proj.forward_t(xt.clone()).reshape([batch, kv, d, seq]));
+        let v = self.v_proj.forward_t(xt).reshape([batch, kv, d, seq]);
+        let out = head_major_attention(q, k, v, mask, self.scale, self.softcap); // [batch, h, d, seq]
+        self.o_proj
+            .forward_t(out.reshape([batch, h * d, seq]))
+            .swap_dims(1, 2)
     }
 }
 
@@ -281,10 +342,11 @@ fn onto<const D: usize>(x: Tensor<D>, device: &Device) -> Tensor<D> {
 /// Scaled dot-product attention with **GQA**: each K/V head serves `h / kv` consecutive query heads
 /// (transformers' `repeat_kv` order: query heads `[0, 1]` share K/V head 0, `[2, 3]` head 1, ...).
 ///
-/// transformers copies each K/V head `h / kv` times to match the query heads. Here a group's
-/// queries are instead stacked along the sequence axis, `[batch, kv, h / kv * seq, d]`, and meet their one shared K/V
-/// head in a single matmul: no copies of keys and values forward, and no reduction of their copies' gradients
-/// backward, while each matmul is `h / kv` times taller. Every score is the same dot product either way.
+/// transformers copies each K/V head `h / kv` times to match the query heads. The CPU's kernels instead stack a
+/// group's queries along the sequence axis, `[batch, kv, h / kv * seq, d]`, to meet their one shared K/V head in a
+/// single matmul: no copies of keys and values forward, and no reduction of their copies' gradients backward, while
+/// each matmul is `h / kv` times taller. The eager kernel is [`head_major_attention`] on transposed views of its
+/// inputs. Every score is the same dot product in each.
 ///
 /// # Shapes
 /// `q`: `[batch, h, seq, d]`, `k`, `v`: `[batch, kv, seq, d]`, `mask`: `[seq, seq]` (true = hidden)
@@ -339,11 +401,34 @@ fn grouped_attention(
         let probs = probs.clone() + (change - probs * total);
         return probs.matmul(f32(v)).reshape([batch, h, seq, d]).cast(dtype);
     }
+    let [q, k, v] = [q, k, v].map(|x| x.swap_dims(2, 3));
+    head_major_attention(q, k, v, mask, scale, softcap).swap_dims(2, 3)
+}
+
+/// The eager attention (scale, **soft-cap**, mask, softmax in f32) on heads in the head-major layout,
+/// `[batch, heads, head_dim, seq]`, transposed views of which the matmuls read in place. **GQA** by broadcasting:
+/// the `h / kv` query heads of a group meet their K/V head as a batch axis of one, which the matmul kernels
+/// broadcast without a copy (stacking the group's queries along the sequence, as the token-major layout allows,
+/// would need one here); backward, autodiff sums the group's gradients of the shared head.
+///
+/// # Shapes
+/// `q`: `[batch, h, d, seq]`, `k`, `v`: `[batch, kv, d, seq]`, `mask`: `[seq, seq]` (true = hidden)
+/// → `[batch, h, d, seq]`
+fn head_major_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<2, Bool>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor<4> {
+    let [batch, h, d, seq] = q.dims();
+    let kv = k.dims()[1];
+    let group = h / kv;
+    let q = q.reshape([batch, kv, group, d, seq]).swap_dims(3, 4); // [batch, kv, group, seq, d]
     let mut scores = q
-        .reshape([batch, kv, group * seq, d])
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(scale)
-        .reshape([batch, kv, group, seq, seq]);
+        .matmul(k.unsqueeze_dim::<5>(2)) // [batch, kv, 1, d, seq]
+        .mul_scalar(scale); // [batch, kv, group, seq, seq]
     if let Some(cap) = softcap {
         // **Attention soft-capping**, before the mask.
         scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
@@ -354,10 +439,10 @@ fn grouped_attention(
     );
     let dtype = scores.dtype();
     let probs = softmax(scores.cast(FloatDType::F32), 4).cast(dtype);
-    probs
-        .reshape([batch, kv, group * seq, seq])
-        .matmul(v)
-        .reshape([batch, h, seq, d])
+    // outᵀ = v probsᵀ: [batch, kv, 1, d, seq] @ [batch, kv, group, seq (keys), seq (queries)]
+    v.unsqueeze_dim::<5>(2)
+        .matmul(probs.swap_dims(3, 4))
+        .reshape([batch, h, d, seq])
 }
 
 /// **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`.
@@ -1069,6 +1154,75 @@ mod tests {
             let worst = max_difference(&got.try_to_vec_as::<f32>().unwrap(), &want);
             assert!(worst < 1e-6, "{kernel:?}: max |difference| {worst}");
         }
+    }
+
+    #[test]
+    fn head_major_attention_equals_the_token_major_one_in_value_and_gradient() {
+        // The GPU's layout against the CPU's (both run on any backend): the tiny preset's first layer (a sliding
+        // one, with soft-capping and GQA), adapters on all four projections whose B is not zero, two rows. The
+        // loss weighs each output by a random weight, so that the input and every adapter get gradients of their
+        // own. On the CPU the token-major path runs the linearised kernels, so this also holds the two
+        // against each other.
+        use crate::model::lora::{LoraAdapter, LoraConfig};
+        let device = Device::flex().autodiff();
+        let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let config = Gemma2Config::tiny();
+        let lora = LoraConfig {
+            r: 4,
+            dropout: 0.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            first_layer: 0,
+            ..LoraConfig::default()
+        };
+        let model = config.init(&device).with_lora(&lora, &device).unwrap();
+        let mut attn = model.model.layers[0].self_attn.clone();
+        let projections = [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj];
+        for (i, p) in projections.into_iter().enumerate() {
+            let a = p.lora.take().unwrap().lora_a.val();
+            let b = Tensor::<2>::random([lora.r, p.dims()[1]], dist, &device).mul_scalar(0.3);
+            p.lora = Some(LoraAdapter::from_tensors(&format!("p{i}"), a, b, &lora));
+        }
+        let (batch, seq, hidden) = (2, 12, config.hidden_size);
+        let x = Tensor::<3>::random([batch, seq, hidden], dist, &dev()).to_data();
+        let weights = Tensor::<3>::random([batch, seq, hidden], dist, &device);
+        let rope = Rope::new(seq, config.head_dim, config.rope_theta, &device);
+        let run = |head_major: bool| {
+            let x = Tensor::<3>::from_data(x.clone(), &device).require_grad();
+            let mask = attention_mask(seq, Some(config.sliding_window / 3), &device);
+            let out = match head_major {
+                true => attn.forward_head_major(x.clone(), &rope, mask),
+                false => attn.forward_token_major(x.clone(), &rope, mask),
+            };
+            let grads = (out.clone() * weights.clone()).sum().backward();
+            let grad = |t: Tensor<2>| t.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap();
+            let mut all = vec![x.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap()];
+            for p in [&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj] {
+                let adapter = p.lora.as_ref().unwrap();
+                all.extend([grad(adapter.lora_a.val()), grad(adapter.lora_b.val())]);
+            }
+            (out.inner().try_to_vec_as::<f32>().unwrap(), all)
+        };
+        let (got, got_grads) = run(true);
+        let (want, want_grads) = run(false);
+        assert_eq!(got.len(), batch * seq * hidden);
+        let err = relative_l1(&got, &want);
+        assert!(err < 1e-5, "outputs differ by {err:.2e} (relative L1)");
+        let names = ["x", "q A", "q B", "k A", "k B", "v A", "v B", "o A", "o B"];
+        for (name, (got, want)) in names.iter().zip(got_grads.iter().zip(&want_grads)) {
+            let err = relative_l1(got, want);
+            assert!(err < 1e-5, "d/d{name} differs by {err:.2e} (relative L1)");
+        }
+    }
+
+    #[test]
+    fn rope_on_head_major_heads_is_rope_transposed() {
+        let (batch, seq, heads, d) = (2, 5, 3, 8);
+        let rope = Rope::new(seq + 2, d, 10_000.0, &dev());
+        let x = Tensor::<4>::random([batch, seq, heads, d], burn::tensor::Distribution::Normal(0.0, 1.0), &dev());
+        let want = rope.apply(x.clone()).permute([0, 2, 3, 1]);
+        let got = rope.apply_t(x.permute([0, 2, 3, 1]));
+        let worst = max_difference(&got.try_to_vec_as::<f32>().unwrap(), &want.try_to_vec_as::<f32>().unwrap());
+        assert_eq!(worst, 0.0);
     }
 
     fn max_difference(a: &[f32], b: &[f32]) -> f32 {
