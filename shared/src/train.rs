@@ -826,8 +826,44 @@ pub fn train_step(
             }
         }
         out.overflows = overflows;
-        return Ok((optim.step(lr, model, grads), out));
+        return Ok((step_by_shape(optim, lr, model, grads, trainable), out));
     }
+}
+
+/// AdamW on the gradients one shape at a time. burn's optimizer updates the parameters in the module's order,
+/// and the adapters alternate shapes there (`A` is `[d_in, r]`, `B` `[r, d_out]`): fusion ran each parameter's
+/// update as kernels of its own, two per parameter and step. Updates of one shape queued one after another run
+/// together. The same update of each parameter: only the order in which they are queued differs.
+fn step_by_shape(
+    optim: &mut ModuleOptimizer,
+    lr: f64,
+    mut model: Gemma2ForSequenceClassification,
+    mut grads: GradientsParams,
+    ids: &[ParamId],
+) -> Gemma2ForSequenceClassification {
+    let mut groups: Vec<([usize; 2], GradientsParams)> = Vec::new();
+    for id in ids {
+        let Some(g) = grads.remove::<2>(*id) else {
+            continue;
+        };
+        let dims = g.dims();
+        match groups.iter_mut().find(|(d, _)| *d == dims) {
+            Some((_, group)) => group.register(*id, g),
+            None => {
+                let mut group = GradientsParams::new();
+                group.register(*id, g);
+                groups.push((dims, group));
+            }
+        }
+    }
+    for (_, group) in groups {
+        model = optim.step(lr, model, group);
+    }
+    // Whatever is not a matrix, in the module's order.
+    if !grads.is_empty() {
+        model = optim.step(lr, model, grads);
+    }
+    model
 }
 
 /// The ids of a step's rows, for an error that names them.
@@ -1030,26 +1066,39 @@ fn clip_global_norm(
     max: Option<f64>,
     loss_scale: f64,
 ) -> Option<Tensor<1>> {
-    let mut squares = Vec::with_capacity(ids.len());
+    // Each gradient's squares summed down its columns, a reduction that reads the gradient in place whatever its
+    // layout: the adapters' gradients on wgpu are transposed views (attention's head-major layout), which a
+    // reshape to one row copied first, a kernel more per tensor. The column sums of one shape are then added
+    // element-wise and reduced once per shape. All reductions are queued first, then the additions, grouped by
+    // shape: queued next to each other, fusion runs the additions of a shape as one kernel, where an addition
+    // right after its reduction was a launch of its own. burn's full `sum()` would instead zero its output and
+    // add partial sums into it atomically, two launches in no fixed order.
+    let mut shaped = Vec::with_capacity(ids.len());
+    let mut columns = Vec::with_capacity(ids.len());
     for id in ids {
         if let Some(g) = grads.get::<2>(*id) {
-            // A reduction along one axis of the gradient viewed as one row. On wgpu `sum()` runs burn's full
-            // sum instead, which first launches a kernel that zeroes its output and then adds partial sums into
-            // it: a launch more per trainable tensor and step (bench/kernels.sh), and an order of additions that
-            // is not fixed.
-            let n = g.shape().num_elements();
-            let sq = g
-                .cast(FloatDType::F32)
-                .reshape([1, n])
-                .square()
-                .sum_dim(1)
-                .reshape([1]);
-            squares.push(sq);
+            shaped.push((g.dims(), *id));
+            columns.push(g.cast(FloatDType::F32).square().sum_dim(0));
         }
     }
-    // All reductions first, then all additions: queued next to each other, the additions fuse into one kernel,
-    // where each one added right after its reduction was a launch of its own.
-    let total = squares.into_iter().reduce(|t, sq| t + sq)?;
+    let mut groups: Vec<([usize; 2], Vec<Tensor<2>>)> = Vec::new();
+    for ((dims, _), sums) in shaped.iter().zip(columns) {
+        match groups.iter_mut().find(|(d, _)| d == dims) {
+            Some((_, group)) => group.push(sums),
+            None => groups.push((*dims, vec![sums])),
+        }
+    }
+    let per_shape: Vec<Tensor<2>> = groups
+        .into_iter()
+        .filter_map(|(_, group)| group.into_iter().reduce(|t, sums| t + sums))
+        .collect();
+    // Collected first, so the reductions are queued before the additions again.
+    let total = per_shape
+        .into_iter()
+        .map(|t| t.sum_dim(1).reshape([1]))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|t, sq| t + sq)?;
     let norm = total.sqrt().div_scalar(loss_scale);
     let factor = match max {
         Some(max) => Some(
@@ -1065,7 +1114,10 @@ fn clip_global_norm(
     };
     if let Some(factor) = factor {
         let factor = factor.reshape([1, 1]);
-        for id in ids {
+        // Gradients of one shape scaled one after the other: fusion then runs their multiplications as one
+        // kernel, where in the module's order (each adapter's `A`, then its `B`) every one was a launch of its own.
+        shaped.sort_by_key(|(dims, _)| *dims);
+        for (_, id) in &shaped {
             if let Some(g) = grads.remove::<2>(*id) {
                 let f = factor.clone().cast(g.dtype());
                 grads.register(*id, g * f);
@@ -1455,6 +1507,61 @@ mod tests {
         let norm = clip_global_norm(&mut grads, &[a, b], Some(10.0), 1.0).unwrap();
         assert!((norm.try_to_vec_as::<f32>().unwrap()[0] - 1.0).abs() < 1e-5);
         assert!((got(&grads, b)[1] - 0.8).abs() < 1e-5);
+        // Two gradients of one shape (their squares are added before they are reduced) and a transposed view,
+        // which is summed where it lies: 1 + 4 + (4 + 16) + (9 + 16 + 25 + 36) = 111.
+        let (c, d, e) = (ParamId::new(), ParamId::new(), ParamId::new());
+        let mut grads = GradientsParams::new();
+        grads.register(c, t(vec![1.0, 2.0], [1, 2]));
+        grads.register(d, t(vec![2.0, 4.0], [1, 2]));
+        grads.register(e, t(vec![3.0, 4.0, 5.0, 6.0], [2, 2]).transpose());
+        let norm = clip_global_norm(&mut grads, &[c, d, e], None, 1.0).unwrap();
+        assert!((norm.try_to_vec_as::<f32>().unwrap()[0] - 111f32.sqrt()).abs() < 1e-5);
+        assert_eq!(got(&grads, e), [3.0, 5.0, 4.0, 6.0], "unchanged without a limit or a loss scale");
+    }
+
+    #[test]
+    fn adamw_one_shape_at_a_time_equals_adamw_in_the_modules_order() {
+        use crate::batch::collate;
+        use crate::model::Gemma2Config;
+        let device = Device::flex().autodiff();
+        let lora = LoraConfig {
+            r: 4,
+            dropout: 0.0,
+            first_layer: 0,
+            ..LoraConfig::default()
+        };
+        let model = Gemma2Config::tiny().init(&device).with_lora(&lora, &device).unwrap();
+        let ids = trainable_ids(&model);
+        let grads = |model: &Gemma2ForSequenceClassification| {
+            let batch = collate(&[&[2u32, 5, 7, 9][..], &[2, 4]], 0);
+            let loss = model.forward_batch(&batch, &device).square().sum();
+            GradientsParams::from_grads(loss.backward(), model)
+        };
+        let first = grads(&model);
+        let shapes: std::collections::BTreeSet<[usize; 2]> =
+            ids.iter().filter_map(|id| first.get::<2>(*id)).map(|g| g.dims()).collect();
+        assert!(shapes.len() >= 3, "one group would test no regrouping: {shapes:?}");
+        let values = |model: &Gemma2ForSequenceClassification| -> Vec<Vec<f32>> {
+            struct Values(Vec<Vec<f32>>);
+            impl burn::module::ModuleVisitor for Values {
+                fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                    self.0.push(param.val().try_to_vec_as::<f32>().unwrap());
+                }
+            }
+            let mut v = Values(Vec::new());
+            model.visit(&mut v);
+            v.0
+        };
+        // Two steps each way (the second moves `B` off zero and continues the optimizer's state).
+        let config = AdamWConfig::new().with_weight_decay(0.01);
+        let (mut optim, mut ours) = (config.init(), config.init());
+        let (mut reference, mut grouped) = (model.clone(), model);
+        for _ in 0..2 {
+            let (g_ref, g_ours) = (grads(&reference), grads(&grouped));
+            reference = optim.step(1e-2, reference, g_ref);
+            grouped = step_by_shape(&mut ours, 1e-2, grouped, g_ours, &ids);
+        }
+        assert_eq!(values(&grouped), values(&reference));
     }
 
     #[test]

@@ -166,8 +166,8 @@ impl LoraAdapter {
     /// [`Projection::forward_t`]: the base's layout throughout, so the sum with the base and, backward, the
     /// gradients of `xᵀ` meet tensors of their own layout and fuse with them. `x A B` with its output's transposed
     /// view added to the base instead (gradients of `A` and `B` in their own layout) ran those sums unfused, 98
-    /// more kernels per step at gemma-2-2b's graph against the 120 small copies of the transposed gradients of
-    /// `A` and `B` here (the gradient norm reads each as a row).
+    /// more kernels per step at gemma-2-2b's graph. The gradients of `A` and `B` here are transposed views, which
+    /// the gradient norm reads in place (`train::clip_global_norm`).
     ///
     /// # Shapes
     /// `xt`: `[batch, d_in, seq]` → `[batch, d_out, seq]`
