@@ -841,29 +841,36 @@ fn step_by_shape(
     mut grads: GradientsParams,
     ids: &[ParamId],
 ) -> Gemma2ForSequenceClassification {
-    let mut groups: Vec<([usize; 2], GradientsParams)> = Vec::new();
-    for id in ids {
-        let Some(g) = grads.remove::<2>(*id) else {
-            continue;
-        };
-        let dims = g.dims();
-        match groups.iter_mut().find(|(d, _)| *d == dims) {
-            Some((_, group)) => group.register(*id, g),
-            None => {
-                let mut group = GradientsParams::new();
-                group.register(*id, g);
-                groups.push((dims, group));
+    for group in ids_by_shape(&grads, ids) {
+        let mut part = GradientsParams::new();
+        for id in group {
+            if let Some(g) = grads.remove::<2>(id) {
+                part.register(id, g);
             }
         }
-    }
-    for (_, group) in groups {
-        model = optim.step(lr, model, group);
+        model = optim.step(lr, model, part);
     }
     // Whatever is not a matrix, in the module's order.
     if !grads.is_empty() {
         model = optim.step(lr, model, grads);
     }
     model
+}
+
+/// The ids of `ids`' matrix gradients grouped by shape, groups in the order their first member comes: work queued
+/// one group after another puts tensors of one shape side by side, which fusion runs as one kernel.
+fn ids_by_shape(grads: &GradientsParams, ids: &[ParamId]) -> Vec<Vec<ParamId>> {
+    let mut groups: Vec<([usize; 2], Vec<ParamId>)> = Vec::new();
+    for id in ids {
+        let Some(dims) = grads.get::<2>(*id).map(|g| g.dims()) else {
+            continue;
+        };
+        match groups.iter_mut().find(|(d, _)| *d == dims) {
+            Some((_, group)) => group.push(*id),
+            None => groups.push((dims, vec![*id])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
 }
 
 /// The ids of a step's rows, for an error that names them.
@@ -1073,32 +1080,21 @@ fn clip_global_norm(
     // shape: queued next to each other, fusion runs the additions of a shape as one kernel, where an addition
     // right after its reduction was a launch of its own. burn's full `sum()` would instead zero its output and
     // add partial sums into it atomically, two launches in no fixed order.
-    let mut shaped = Vec::with_capacity(ids.len());
-    let mut columns = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(g) = grads.get::<2>(*id) {
-            shaped.push((g.dims(), *id));
-            columns.push(g.cast(FloatDType::F32).square().sum_dim(0));
-        }
-    }
-    let mut groups: Vec<([usize; 2], Vec<Tensor<2>>)> = Vec::new();
-    for ((dims, _), sums) in shaped.iter().zip(columns) {
-        match groups.iter_mut().find(|(d, _)| d == dims) {
-            Some((_, group)) => group.push(sums),
-            None => groups.push((*dims, vec![sums])),
-        }
-    }
-    let per_shape: Vec<Tensor<2>> = groups
+    let groups = ids_by_shape(grads, ids);
+    let columns: Vec<Vec<Tensor<2>>> = groups
+        .iter()
+        .map(|group| {
+            let sums = group.iter().filter_map(|id| grads.get::<2>(*id));
+            sums.map(|g| g.cast(FloatDType::F32).square().sum_dim(0)).collect()
+        })
+        .collect();
+    let per_shape: Vec<Tensor<2>> = columns
         .into_iter()
-        .filter_map(|(_, group)| group.into_iter().reduce(|t, sums| t + sums))
+        .filter_map(|group| group.into_iter().reduce(|t, sums| t + sums))
         .collect();
     // Collected first, so the reductions are queued before the additions again.
-    let total = per_shape
-        .into_iter()
-        .map(|t| t.sum_dim(1).reshape([1]))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .reduce(|t, sq| t + sq)?;
+    let totals: Vec<Tensor<1>> = per_shape.into_iter().map(|t| t.sum_dim(1).reshape([1])).collect();
+    let total = totals.into_iter().reduce(|t, sq| t + sq)?;
     let norm = total.sqrt().div_scalar(loss_scale);
     let factor = match max {
         Some(max) => Some(
@@ -1116,8 +1112,7 @@ fn clip_global_norm(
         let factor = factor.reshape([1, 1]);
         // Gradients of one shape scaled one after the other: fusion then runs their multiplications as one
         // kernel, where in the module's order (each adapter's `A`, then its `B`) every one was a launch of its own.
-        shaped.sort_by_key(|(dims, _)| *dims);
-        for (_, id) in &shaped {
+        for id in groups.iter().flatten() {
             if let Some(g) = grads.remove::<2>(*id) {
                 let f = factor.clone().cast(g.dtype());
                 grads.register(*id, g * f);

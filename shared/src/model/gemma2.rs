@@ -109,6 +109,19 @@ impl Rope {
         }
     }
 
+    /// `[cos, sin]` for positions `0..seq` in `dtype`. Tables made for this pass are already `seq` long and in
+    /// the activations' dtype: nothing to launch for them then.
+    fn tables(&self, seq: usize, dtype: DType) -> [Tensor<2>; 2] {
+        [&self.cos, &self.sin].map(|t| {
+            let t = if t.dims()[0] == seq {
+                t.clone()
+            } else {
+                t.clone().narrow(0, 0, seq)
+            };
+            if t.dtype() == dtype { t } else { t.cast(dtype) }
+        })
+    }
+
     /// **RoPE in halves**: `x * cos + rotate_half(x) * sin`, where `rotate_half([x1, x2]) = [-x2, x1]` splits the
     /// head in two halves (Hugging Face's layout; burn's `RotaryEncoding` rotates neighbours instead).
     ///
@@ -123,18 +136,9 @@ impl Rope {
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [batch, seq, heads, head_dim] = x.dims();
         let half = head_dim / 2;
-        let dtype = x.dtype();
-        // Tables made for this pass are already `seq` long and in `x`'s dtype: nothing to launch for them then.
-        let table = |t: &Tensor<2>| {
-            let t = if t.dims()[0] == seq {
-                t.clone()
-            } else {
-                t.clone().narrow(0, 0, seq)
-            };
-            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
-            t.reshape([1, seq, 1, head_dim])
-        };
-        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        let [cos, sin] = self
+            .tables(seq, x.dtype())
+            .map(|t| t.reshape([1, seq, 1, head_dim]));
         let swapped = x
             .clone()
             .reshape([batch, seq, heads, 2, half])
@@ -151,17 +155,9 @@ impl Rope {
     pub fn apply_t(&self, x: Tensor<4>) -> Tensor<4> {
         let [batch, heads, head_dim, seq] = x.dims();
         let half = head_dim / 2;
-        let dtype = x.dtype();
-        let table = |t: &Tensor<2>| {
-            let t = if t.dims()[0] == seq {
-                t.clone()
-            } else {
-                t.clone().narrow(0, 0, seq)
-            };
-            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
-            t.transpose().reshape([1, 1, head_dim, seq])
-        };
-        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        let [cos, sin] = self
+            .tables(seq, x.dtype())
+            .map(|t| t.transpose().reshape([1, 1, head_dim, seq]));
         let swapped = x
             .clone()
             .reshape([batch, heads, 2, half, seq])
