@@ -16,7 +16,7 @@ echo "== the demo bundle and its native predictions, for the wasm and browser ch
 [ -f runs/demo/export/web/model.q4.safetensors ] || ./target/debug/trainer demo --max-steps 4 > target/test-demo.log
 mkdir -p target/test-demo
 ./target/debug/trainer predict --device cpu --model runs/demo/export/web \
-  --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv
+  --data data/arena-sample.parquet --limit 12 --out target/test-demo/native-12.csv | tee target/test-demo/native-12.log
 for weights in int8 q4; do
   ./target/debug/trainer predict --device cpu --model runs/demo/export/web --weights $weights \
     --data data/arena-sample.parquet --limit 1 --out target/test-demo/native-$weights-1.csv

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Label, Record};
 use crate::model::Gemma2ForSequenceClassification;
-use crate::predict::{PredictError, PredictOptions, predict_both, swap_average};
+use crate::predict::{
+    PredictError, PredictOptions, longer_answer_accuracy, predict_both, swap_average,
+};
 use crate::prepare::Progress;
 use crate::preprocess::PreprocessConfig;
 use crate::tokenizer::Tokenizer;
@@ -52,6 +54,9 @@ pub struct EvalReport {
     pub label_smoothing: f64,
     pub accuracy: f64,
     pub log_loss: f64,
+    /// The length baseline's accuracy on the same rows ([`crate::predict::longer_answer`]): what a model must
+    /// beat to have learnt more than the answers' lengths.
+    pub longer_answer_accuracy: f64,
     /// Rows `[true][predicted]`, classes model_a, model_b.
     pub confusion: [[usize; 2]; 2],
     pub per_language: BTreeMap<String, Metrics>,
@@ -94,13 +99,15 @@ pub fn evaluate(
         batch_size,
         swap_tta: true,
     };
-    let (straight, swapped) = predict_both(
+    let scored = predict_both(
         model, tokenizer, preprocess, &labelled, options, device, progress,
     )?;
-    let swapped = swapped.unwrap_or_else(|| straight.clone());
+    let straight = scored.straight;
+    let swapped = scored.swapped.unwrap_or_else(|| straight.clone());
     let tta = swap_average(&straight, &swapped);
     Ok(build_report(
         &labelled,
+        &scored.field_tokens,
         &straight,
         &swapped,
         &tta,
@@ -114,9 +121,12 @@ fn ln(p: f32) -> f64 {
     f64::from(p).clamp(1e-15, 1.0).ln()
 }
 
-/// The report from probabilities already computed (`swapped[i][0]` is P(original B wins)).
+/// The report from probabilities already computed (`swapped[i][0]` is P(original B wins)); `field_tokens` are
+/// each record's token counts before truncation (prompt, A, B).
+#[allow(clippy::too_many_arguments)]
 pub fn build_report(
     records: &[Record],
+    field_tokens: &[[usize; 3]],
     straight: &[Vec<f32>],
     swapped: &[Vec<f32>],
     tta: &[Vec<f32>],
@@ -157,6 +167,7 @@ pub fn build_report(
     let log_loss = log_loss / n;
     let tta_accuracy = tta_correct as f64 / n;
     let tta_log_loss = tta_log_loss / n;
+    let lengths = field_tokens.iter().zip(records).map(|(&t, r)| (t, r.label));
     EvalReport {
         source: source.into(),
         rows: records.len(),
@@ -165,6 +176,7 @@ pub fn build_report(
         label_smoothing,
         accuracy,
         log_loss,
+        longer_answer_accuracy: longer_answer_accuracy(lengths).unwrap_or(f64::NAN),
         confusion,
         per_language: langs
             .into_iter()
@@ -201,7 +213,8 @@ impl EvalReport {
             "evaluation of {} ({} rows{})\n\n\
              loss (label smoothing {})  {:.4}\n\
              accuracy                    {:.4}\n\
-             log loss                    {:.4}\n\n\
+             log loss                    {:.4}\n\
+             pick the longer answer      {:.4}  (the model {:+.4})\n\n\
              confusion (rows: truth, columns: prediction)\n\
              {:>12} {:>9} {:>9}\n\
              {:>12} {:>9} {:>9}\n\
@@ -223,6 +236,8 @@ impl EvalReport {
             self.loss,
             self.accuracy,
             self.log_loss,
+            self.longer_answer_accuracy,
+            self.accuracy - self.longer_answer_accuracy,
             "",
             "pred A",
             "pred B",
@@ -292,7 +307,9 @@ mod tests {
             vec![0.9, 0.1],
         ];
         let tta = swap_average(&straight, &swapped);
-        let r = build_report(&records, &straight, &swapped, &tta, "t", 0.0, 1);
+        // Lengths: A longer (right), B longer (right), as long (A: right), A longer (wrong).
+        let lengths = [[1, 10, 5], [1, 3, 9], [1, 4, 4], [1, 8, 2]];
+        let r = build_report(&records, &lengths, &straight, &swapped, &tta, "t", 0.0, 1);
         assert_eq!(r.confusion, [[2, 0], [2, 0]]);
         assert_eq!(r.accuracy, 0.5);
         assert_eq!(r.position_bias.predicted_a_share, 1.0);
@@ -308,6 +325,12 @@ mod tests {
             (r.loss - r.log_loss).abs() < 1e-12,
             "no smoothing: loss is the log loss"
         );
-        assert!(r.summary().contains("answer flips when swapped   75.0%"));
+        assert_eq!(r.longer_answer_accuracy, 0.75);
+        let summary = r.summary();
+        assert!(summary.contains("answer flips when swapped   75.0%"));
+        assert!(
+            summary.contains("pick the longer answer      0.7500  (the model -0.2500)"),
+            "{summary}"
+        );
     }
 }

@@ -415,6 +415,10 @@ pub struct EvalLog {
     /// Rows `[true][predicted]`, classes model_a, model_b.
     pub confusion: [[usize; 2]; 2],
     pub best: bool,
+    /// The length baseline's accuracy on the same rows ([`crate::predict::longer_answer`]); absent from the logs
+    /// of runs that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longer_answer_accuracy: Option<f64>,
 }
 
 /// What training tells the caller as it goes (the command line draws a bar from it).
@@ -650,6 +654,7 @@ pub fn train(
                 rows: m.rows,
                 confusion: m.confusion,
                 best: gain,
+                longer_answer_accuracy: Some(m.longer_answer_accuracy),
             };
             append_log(run.path(), &log)?;
             events.eval(&log);
@@ -1129,6 +1134,8 @@ pub struct SplitMetrics {
     pub loss: f64,
     pub log_loss: f64,
     pub accuracy: f64,
+    /// The length baseline's accuracy on the same rows ([`crate::predict::longer_answer`]).
+    pub longer_answer_accuracy: f64,
     pub confusion: [[usize; 2]; 2],
     /// `[P(model_a), P(model_b)]` per row.
     pub probs: Vec<[f32; 2]>,
@@ -1202,11 +1209,15 @@ pub fn evaluate_split(
         ));
     }
     let n = rows.len() as f64;
+    let lengths = rows
+        .iter()
+        .map(|&i| (split.rows[i].field_tokens, Some(split.rows[i].label)));
     Ok(SplitMetrics {
         rows: rows.len(),
         loss: loss / n,
         log_loss: log_loss / n,
         accuracy: correct as f64 / n,
+        longer_answer_accuracy: crate::predict::longer_answer_accuracy(lengths).unwrap_or(f64::NAN),
         confusion,
         probs: rows.iter().map(|&i| probs[i]).collect(),
     })

@@ -842,7 +842,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         swap_tta: args.swap_tta,
     };
     let bar = Bar::default();
-    let probs = shared::predict::predict(
+    let scored = shared::predict::predict_both(
         &model,
         &tokenizer,
         &PreprocessConfig::default(),
@@ -851,6 +851,10 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         &device,
         &bar,
     )?;
+    let probs = match &scored.swapped {
+        Some(swapped) => shared::predict::swap_average(&scored.straight, swapped),
+        None => scored.straight,
+    };
     shared::predict::write_predictions_csv(&args.out, &records, &probs, &loaded.config.labels)?;
     out!(
         "scored {} rows in {:.1}s ({}){}; predictions: {}",
@@ -862,8 +866,13 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     );
     let labels: Vec<Option<shared::data::Label>> = records.iter().map(|r| r.label).collect();
     if let Some(m) = shared::predict::binary_metrics(&probs, &labels) {
+        let lengths = scored
+            .field_tokens
+            .iter()
+            .copied()
+            .zip(labels.iter().copied());
         out!(
-            "accuracy {:.4}   log loss {:.4}   on {} labelled rows{}",
+            "accuracy {:.4}   log loss {:.4}   on {} labelled rows{}; picking the longer answer scores {:.4}",
             m.accuracy,
             m.log_loss,
             m.rows,
@@ -871,7 +880,8 @@ fn run_predict(args: PredictArgs) -> Result<()> {
                 format!(" ({} ties not scored)", m.ties_skipped)
             } else {
                 String::new()
-            }
+            },
+            shared::predict::longer_answer_accuracy(lengths).unwrap_or(f64::NAN),
         );
     }
     Ok(())

@@ -259,16 +259,19 @@ pub fn run_train(job: TrainJob) -> Result<PathBuf> {
     let plain = device.clone().inner();
     let test = shared::train::evaluate_split(&trained.model.valid(), &test_split, &config, &plain)?;
     out!(
-        "test (best checkpoint): loss {:.4}  accuracy {:.4}  log loss {:.4}  on {} rows",
+        "test (best checkpoint): loss {:.4}  accuracy {:.4}  log loss {:.4}  on {} rows; \
+         picking the longer answer scores {:.4}",
         test.loss,
         test.accuracy,
         test.log_loss,
-        test.rows
+        test.rows,
+        test.longer_answer_accuracy,
     );
     write_json(
         &out.join("test_metrics.json"),
         &serde_json::json!({
             "loss": test.loss, "accuracy": test.accuracy, "log_loss": test.log_loss, "rows": test.rows,
+            "longer_answer_accuracy": test.longer_answer_accuracy,
             "confusion": test.confusion, "best_step": s.best_step, "best_val_accuracy": s.best_accuracy,
         }),
     )?;
@@ -318,11 +321,22 @@ pub fn draw_run(run: &Path) -> Result<()> {
             Panel {
                 title: "validation accuracy",
                 y_label: "accuracy",
-                series: vec![Series {
-                    name: "validation",
-                    color: "#2ca02c",
-                    points: evals.iter().map(|e| (e.step as f64, e.accuracy)).collect(),
-                }],
+                series: vec![
+                    Series {
+                        name: "validation",
+                        color: "#2ca02c",
+                        points: evals.iter().map(|e| (e.step as f64, e.accuracy)).collect(),
+                    },
+                    // The bar to clear: the same rows scored by their answers' lengths alone.
+                    Series {
+                        name: "pick the longer answer",
+                        color: "#7f7f7f",
+                        points: evals
+                            .iter()
+                            .filter_map(|e| Some((e.step as f64, e.longer_answer_accuracy?)))
+                            .collect(),
+                    },
+                ],
             },
         ],
         "optimizer step",
@@ -608,11 +622,13 @@ impl TrainEvents for TrainBar {
     }
     fn eval(&self, e: &EvalLog) {
         let line = format!(
-            "step {:>5}  val loss {:.4}  accuracy {:.4}  log loss {:.4}{}",
+            "step {:>5}  val loss {:.4}  accuracy {:.4}  log loss {:.4}{}{}",
             e.step,
             e.loss,
             e.accuracy,
             e.log_loss,
+            e.longer_answer_accuracy
+                .map_or(String::new(), |b| format!("  (longer answer {b:.4})")),
             if e.best { "  (best)" } else { "" }
         );
         self.message(&line);

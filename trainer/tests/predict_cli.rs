@@ -64,6 +64,30 @@ fn predict_reproduces_transformers_probabilities() {
             && stdout.contains("692 labelled rows"),
         "{stdout}"
     );
+    // The length baseline it prints beside the accuracy: counted here with plain encodes of the whole responses,
+    // not through smart truncation's counts, which the command uses.
+    let printed: f64 = stdout
+        .split("picking the longer answer scores ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no length baseline in {stdout}"));
+    let tokenizer = shared::tokenizer::Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let records = shared::data::load_file(&data, shared::data::Format::Auto)
+        .unwrap()
+        .records;
+    let count = |text: &str| tokenizer.encode(text).unwrap().len();
+    let right = records
+        .iter()
+        .filter(|r| {
+            let longer_b = count(&r.response_b) > count(&r.response_a);
+            r.label.map(|l| l.index()) == Some(usize::from(longer_b))
+        })
+        .count();
+    assert_eq!(
+        format!("{printed:.4}"),
+        format!("{:.4}", right as f64 / 692.0)
+    );
     let got = read_predictions(&out);
     assert_eq!(got.len(), 692);
     let expected: serde_json::Value = serde_json::from_slice(

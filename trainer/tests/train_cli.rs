@@ -206,6 +206,18 @@ fn demo_runs_the_whole_pipeline() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("eval/report.json")).unwrap()).unwrap();
     assert_eq!(report["rows"], 139, "the sample's test split");
+    // The length baseline of the test split, from the prepared data's token counts (training's test) and from
+    // the rows preprocessed again (the evaluation): the same rows, so the same figure.
+    let test: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("test_metrics.json")).unwrap()).unwrap();
+    let baseline = report["longer_answer_accuracy"].as_f64().unwrap();
+    assert!(baseline > 0.0 && baseline < 1.0, "{report}");
+    assert_eq!(test["longer_answer_accuracy"].as_f64(), Some(baseline));
+    assert!(
+        std::fs::read_to_string(out.join("curves.svg"))
+            .unwrap()
+            .contains("pick the longer answer")
+    );
     shared::export::verify_bundle(&out.join("export/web")).unwrap();
     // The export predicts through `trainer predict`, like any Hugging Face directory.
     let preds = out.join("preds.csv");

@@ -38,6 +38,10 @@ const nativeRows = readFileSync(`${root}target/test-demo/native-12.csv`, "utf8")
   .slice(1)
   .map((l) => l.split(","));
 const native = nativeRows.map((r) => Number(r[2]));
+// What `trainer predict` printed for the same rows: the length baseline's accuracy.
+const nativeLonger = readFileSync(`${root}target/test-demo/native-12.log`, "utf8").match(
+  /picking the longer answer scores (\d\.\d{4})/,
+)?.[1];
 
 async function predictExamples(page, count) {
   const got = [];
@@ -167,6 +171,9 @@ test("batch mode: a dropped parquet is scored as trainer predict scores it, with
     const summary = await page.locator("#batch-result p").first().innerText();
     assert.match(summary, new RegExp(`^${nativeRows.length} rows in`));
     assert.match(summary, new RegExp(`accuracy [01]\\.\\d{4} on ${nativeRows.length} labelled rows`));
+    // Beside it, the bar a model must clear, as trainer predict computes it on the same rows.
+    assert.ok(nativeLonger, "trainer predict's log names the length baseline");
+    assert.ok(summary.includes(`(picking the longer answer: ${nativeLonger})`), summary);
     // The download is the Kaggle CSV, row for row the same as trainer predict's.
     const href = await page.locator("#batch-result a[download]").getAttribute("href");
     const csv = await page.evaluate(async (u) => (await fetch(u)).text(), href);

@@ -487,6 +487,7 @@ pub fn App() -> impl IntoView {
                         <p>
                             {format!("{} rows in {:.1} s", b.rows.len(), b.seconds)}
                             {b.accuracy.map(|(a, n)| format!(" · accuracy {:.4} on {n} labelled rows", a))}
+                            {b.longer_answer_accuracy.map(|a| format!(" (picking the longer answer: {a:.4})"))}
                             " · "<a href=csv_url.clone() download="predictions.csv">"download predictions.csv"</a>
                         </p>
                         <table>

@@ -248,11 +248,13 @@ impl Inner {
         records: &[Record],
         swap_tta: bool,
         batch_size: usize,
-    ) -> Result<Vec<Vec<f32>>, WebError> {
+    ) -> Result<(Vec<Vec<f32>>, Vec<[usize; 3]>), WebError> {
         let vocab = self.model.vocab_size();
         let straight = encode(&self.tokenizer, &self.preprocess, records, false, vocab)?;
-        self.score_examples(records, &straight, swap_tta, batch_size)
-            .await
+        let probs = self
+            .score_examples(records, &straight, swap_tta, batch_size)
+            .await?;
+        Ok((probs, straight.iter().map(|e| e.field_tokens).collect()))
     }
 
     async fn score_examples(
@@ -459,7 +461,7 @@ impl Judge {
         let inner = self.0.clone();
         let dataset = load_bytes(&name, bytes::Bytes::from(bytes), Format::Auto).map_err(js)?;
         let records: Vec<Record> = dataset.records.into_iter().take(limit).collect();
-        let probs = inner
+        let (probs, _) = inner
             .predict_records(&records, swap_tta, batch_size)
             .await
             .map_err(js)?;

@@ -131,6 +131,8 @@ pub struct FileResult {
     pub rows: Vec<(String, String, f32, f32)>,
     /// Accuracy and the number of labelled rows it is over.
     pub accuracy: Option<(f64, usize)>,
+    /// The length baseline's accuracy on the same rows (`shared::predict::longer_answer`).
+    pub longer_answer_accuracy: Option<f64>,
     pub csv: String,
     pub seconds: f64,
 }

@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use js_sys::{Object, Reflect, Uint8Array};
 use shared::data::{Format, Label, load_bytes};
+use shared::predict::longer_answer_accuracy;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
 use web_sys::{DedicatedWorkerGlobalScope, MessageEvent};
@@ -161,8 +162,11 @@ async fn predict_file(
         .collect();
     let total = records.len();
     let mut probs = Vec::with_capacity(total);
+    let mut field_tokens = Vec::with_capacity(total);
     for chunk in records.chunks(FILE_SLICE) {
-        probs.extend(m.predict_records(chunk, swap_tta, FILE_SLICE).await?);
+        let (p, t) = m.predict_records(chunk, swap_tta, FILE_SLICE).await?;
+        probs.extend(p);
+        field_tokens.extend(t);
         post(&Response::FileProgress {
             id,
             done: probs.len(),
@@ -187,6 +191,11 @@ async fn predict_file(
             })
             .collect(),
         accuracy: (n > 0).then(|| (correct as f64 / n as f64, n)),
+        longer_answer_accuracy: longer_answer_accuracy(
+            field_tokens
+                .into_iter()
+                .zip(records.iter().map(|r| r.label)),
+        ),
         csv,
         seconds: (js_sys::Date::now() - started) / 1000.0,
     })
