@@ -434,12 +434,35 @@ fn head_major_attention(
         f32::NEG_INFINITY,
     );
     let dtype = scores.dtype();
-    let probs = softmax(scores.cast(FloatDType::F32), 4).cast(dtype);
+    let probs = capped_softmax(scores.cast(FloatDType::F32), softcap).cast(dtype);
     // outᵀ = v probsᵀ: [batch, kv, 1, d, seq] @ [batch, kv, group, seq (keys), seq (queries)]
     v.unsqueeze_dim::<5>(2)
         .matmul(probs.swap_dims(3, 4))
         .reshape([batch, h, d, seq])
 }
+
+/// The softmax over the last axis of f32 scores, `exp(s) / Σ exp(s)`. A softmax subtracts each row's maximum
+/// first so that `exp` cannot overflow; **attention soft-capping** already bounds every score by the cap, and
+/// `exp(cap)` times the row's length stays far inside f32 (`exp(50) ≈ 5e21`, f32's largest value 3e38), so with a
+/// cap the maximum is not needed: on a GPU the row maximum and its subtraction were two kernels per layer (52 of
+/// an 8-row forward pass's 683 launches at gemma-2-2b's graph). The probabilities are the same up to f32 rounding;
+/// masked scores, -inf, give 0 either way. Only where no gradient flows (prediction, evaluation, the layers below
+/// the first adapter): the division's gradient divides by the square of the sum, which passes f32's range from
+/// scores of about 44 on, so a pass that trains keeps the shift.
+fn capped_softmax(scores: Tensor<5>, softcap: Option<f64>) -> Tensor<5> {
+    match softcap {
+        Some(cap) if cap.abs() <= SHIFT_FREE_CAP && !tracked(&scores) => {
+            let e = scores.exp();
+            let total = e.clone().sum_dim(4);
+            e / total
+        }
+        _ => softmax(scores, 4),
+    }
+}
+
+/// The largest soft-cap for which [`capped_softmax`] skips the shift: `exp(60) ≈ 1.1e26`, so a row of up to 1e12
+/// keys sums below f32's largest value. Gemma-2 caps at 50.
+const SHIFT_FREE_CAP: f64 = 60.0;
 
 /// **GeGLU with tanh GELU**: `down(gelu_tanh(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -1582,6 +1605,39 @@ mod tests {
             Some(config.sliding_window)
         );
         assert_eq!(model.model.layers[1].sliding_window, None);
+    }
+
+    #[test]
+    fn a_capped_softmax_needs_no_shift_and_an_uncapped_one_keeps_it() {
+        // Scores as soft-capping leaves them, at and near the cap of 50, with masked keys.
+        let cap = 50.0;
+        let data: Vec<f32> = vec![
+            50.0, 49.9, -50.0, f32::NEG_INFINITY, // a row at the cap
+            1.0, 2.0, 3.0, 4.0, //
+            -50.0, -49.0, f32::NEG_INFINITY, f32::NEG_INFINITY, // everything but two keys hidden
+        ];
+        let scores = Tensor::<1>::from_floats(data.as_slice(), &dev()).reshape([1, 1, 1, 3, 4]);
+        let got = vec(capped_softmax(scores.clone(), Some(cap)).reshape([3, 4]));
+        let want = vec(softmax(scores, 4).reshape([3, 4]));
+        assert!(max_difference(&got, &want) < 1e-6, "{got:?} vs {want:?}");
+        assert_eq!(got[3], 0.0, "a masked key gets nothing");
+        // Past the bound, the shift comes back: unshifted, exp(95) is infinite and the row would be NaN.
+        let big = Tensor::<1>::from_floats([95.0, 94.0], &dev()).reshape([1, 1, 1, 1, 2]);
+        let got = vec(capped_softmax(big, Some(100.0)).reshape([1, 2]));
+        assert!(got.iter().all(|p| p.is_finite()), "{got:?}");
+        assert!((got[0] - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6, "{got:?}");
+        // Where a gradient flows, the shift stays: unshifted, the division's gradient squares a sum of exp(50)s,
+        // which overflows, and the sum's share of the gradient was lost (0 instead of its value).
+        let device = Device::flex().autodiff();
+        let gradient = |f: &dyn Fn(Tensor<5>) -> Tensor<5>| {
+            let at_cap = Tensor::<1>::from_floats([50.0, 49.0, 48.0, 10.0], &device).require_grad();
+            let weights = Tensor::<1>::from_floats([1.0, -2.0, 0.5, 3.0], &device).reshape([1, 1, 1, 1, 4]);
+            let grads = (f(at_cap.clone().reshape([1, 1, 1, 1, 4])) * weights).sum().backward();
+            at_cap.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap()
+        };
+        let got = gradient(&|s| capped_softmax(s, Some(cap)));
+        let want = gradient(&|s| softmax(s, 4));
+        assert!(max_difference(&got, &want) < 1e-6, "{got:?} vs {want:?}");
     }
 
     #[test]
