@@ -67,11 +67,7 @@ pub fn predict(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f32>>, PredictError> {
-    let scored = predict_both(model, tokenizer, config, records, options, device, progress)?;
-    Ok(match scored.swapped {
-        Some(swapped) => swap_average(&scored.straight, &swapped),
-        None => scored.straight,
-    })
+    Ok(predict_both(model, tokenizer, config, records, options, device, progress)?.probs())
 }
 
 /// Per-row class probabilities.
@@ -86,6 +82,17 @@ pub struct Scored {
     pub swapped: Option<Probs>,
     /// Tokens of prompt, response A and response B before truncation (for [`longer_answer`]).
     pub field_tokens: Vec<[usize; 3]>,
+}
+
+impl Scored {
+    /// The probabilities to report: with swap-TTA the average of both orders ([`swap_average`]), otherwise the
+    /// straight ones.
+    pub fn probs(&self) -> Probs {
+        match &self.swapped {
+            Some(swapped) => swap_average(&self.straight, swapped),
+            None => self.straight.clone(),
+        }
+    }
 }
 
 /// The straight probabilities and, with `swap_tta`, those of the swapped pairs.

@@ -851,10 +851,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         &device,
         &bar,
     )?;
-    let probs = match &scored.swapped {
-        Some(swapped) => shared::predict::swap_average(&scored.straight, swapped),
-        None => scored.straight,
-    };
+    let probs = scored.probs();
     shared::predict::write_predictions_csv(&args.out, &records, &probs, &loaded.config.labels)?;
     out!(
         "scored {} rows in {:.1}s ({}){}; predictions: {}",
