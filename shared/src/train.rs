@@ -1085,12 +1085,16 @@ fn clip_global_norm(
     // shape: queued next to each other, fusion runs the additions of a shape as one kernel, where an addition
     // right after its reduction was a launch of its own. burn's full `sum()` would instead zero its output and
     // add partial sums into it atomically, two launches in no fixed order.
+    // Each column sum is unscaled (by the loss scale squared, a power of two, so exactly) right after its reduction:
+    // with work on its output, burn's fusion runs the square and the sum as one kernel; a reduction with nothing
+    // after it ran the square as a kernel of its own, one launch more per trainable tensor (121 per step).
     let groups = ids_by_shape(grads, ids);
+    let unscale = loss_scale.powi(-2);
     let columns: Vec<Vec<Tensor<2>>> = groups
         .iter()
         .map(|group| {
             let sums = group.iter().filter_map(|id| grads.get::<2>(*id));
-            sums.map(|g| g.cast(FloatDType::F32).square().sum_dim(0)).collect()
+            sums.map(|g| g.cast(FloatDType::F32).square().sum_dim(0).mul_scalar(unscale)).collect()
         })
         .collect();
     let per_shape: Vec<Tensor<2>> = columns
@@ -1100,7 +1104,7 @@ fn clip_global_norm(
     // Collected first, so the reductions are queued before the additions again.
     let totals: Vec<Tensor<1>> = per_shape.into_iter().map(|t| t.sum_dim(1).reshape([1])).collect();
     let total = totals.into_iter().reduce(|t, sq| t + sq)?;
-    let norm = total.sqrt().div_scalar(loss_scale);
+    let norm = total.sqrt();
     let factor = match max {
         Some(max) => Some(
             norm.clone()
