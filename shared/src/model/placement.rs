@@ -169,6 +169,7 @@ pub fn wgpu() -> Result<Placement, WgpuOpenError> {
         .get_or_init(|| {
             #[cfg(feature = "native")]
             tune_fusion();
+            skip_unfused_broadcast_reduce();
             match Device::wgpu_options().init_with_setup() {
                 Ok((device, setup)) => Ok(opened(device, &setup)),
                 // Opened earlier by a tensor operation on the default device: that device is usable, its limits
@@ -212,6 +213,29 @@ pub fn tune_fusion() -> bool {
     burn::BurnConfig::try_set(config.override_from_env())
 }
 
+/// Takes burn's `ReduceBroadcasted` fusion out of the search, in a build without burn's autotuning (every build
+/// but the opt-in [`AUTOTUNE`] one, the browser's included). Returns whether it did: like [`tune_fusion`], only
+/// before the first operation on a fused device.
+///
+/// Why: that optimization claims a reduction together with the element-wise work before it and the broadcast
+/// work after it (a softmax's `exp`, sum and division; a norm's or a broadcast's gradient), and scores above the
+/// plain reduce fusion, which would run the reduction with its input's work in one kernel. But without autotuning
+/// burn 0.22 never launches its fused kernel: it always runs its fallback, the input's work, the reduction and
+/// the output's work as three kernels. Without it, the same operations go to the reduce fusion: one kernel for
+/// the input's work and the reduction (with the work on its output), one for the broadcast work. A one-row LoRA
+/// step at gemma-2-2b's graph launched 2,352 kernels instead of 2,392 (attention's log-sum-exp in each layer with
+/// an adapter). With autotuning, burn times the fused kernel against that fallback, so the optimization stays.
+pub fn skip_unfused_broadcast_reduce() -> bool {
+    if AUTOTUNE {
+        return false;
+    }
+    burn_cubecl::fusion::remove(BROADCAST_REDUCE).is_ok()
+}
+
+/// burn's name for the optimization [`skip_unfused_broadcast_reduce`] removes (a name it does not know is no error,
+/// so a test holds it to burn's list).
+const BROADCAST_REDUCE: &str = "ReduceBroadcasted";
+
 /// The wgpu adapter could not be opened (the message is wgpu's).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot open a wgpu adapter: {0}")]
@@ -226,6 +250,7 @@ pub async fn wgpu_async() -> Result<Placement, WgpuOpenError> {
     if let Some(p) = OPENED.with(|o| o.borrow().clone()) {
         return Ok(p);
     }
+    skip_unfused_broadcast_reduce();
     let (device, setup) = Device::wgpu_options()
         .init_with_setup_async()
         .await
@@ -297,6 +322,46 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(plain);
         let _ = std::fs::remove_dir_all(own);
+    }
+
+    #[test]
+    fn the_removed_fusion_is_one_burn_has() {
+        assert!(burn_cubecl::fusion::BUILTIN_NAMES.contains(&BROADCAST_REDUCE));
+    }
+
+    #[test]
+    #[ignore = "run alone in a fresh process by a_broadcast_reduce_runs_in_fewer_kernels_without_that_fusion"]
+    fn fresh_process_broadcast_reduce() {
+        use burn::tensor::{Distribution, Tensor};
+        let skip = std::env::var("SKIP_BROADCAST_REDUCE").expect("set by the caller") == "1";
+        if skip {
+            assert!(skip_unfused_broadcast_reduce(), "not removed before the first operation");
+        }
+        let device = Device::wgpu(Default::default());
+        // A log-softmax's shape of work, as attention's in a training pass: the sum's `exp` and its `ln` around
+        // the reduction, then the broadcast subtraction.
+        let s = Tensor::<4>::random([1, 2, 64, 64], Distribution::Default, &device);
+        let log_total = s.clone().exp().sum_dim(3).log();
+        let p = (s - log_total).exp().sum_dim(3).into_data().to_vec::<f32>().expect("f32");
+        assert!(p.iter().all(|v| (v - 1.0).abs() < 1e-5), "rows do not sum to 1: {p:?}");
+        assert!(!skip_unfused_broadcast_reduce(), "removed after the fusion service started");
+    }
+
+    #[test]
+    fn a_broadcast_reduce_runs_in_fewer_kernels_without_that_fusion() {
+        const NAME: &str = "model::placement::tests::fresh_process_broadcast_reduce";
+        let launches = |skip: &str| {
+            let dir = scratch_dir(&format!("broadcast-reduce-{skip}"));
+            let log = dir.join("launches.log");
+            let toml = format!("[profiling.logger]\nlevel = \"minimal\"\nfile = {log:?}\nappend = false\n");
+            std::fs::write(dir.join("cubecl.toml"), toml).expect("cubecl.toml");
+            assert!(in_fresh_process(NAME, &dir, ("SKIP_BROADCAST_REDUCE", skip)), "skip={skip} failed");
+            let text = std::fs::read_to_string(&log).expect("cubecl's launch log");
+            let _ = std::fs::remove_dir_all(dir);
+            text.lines().filter(|l| l.starts_with("Executing")).count()
+        };
+        let (with, without) = (launches("0"), launches("1"));
+        assert!(without < with, "{without} launches without the fusion, {with} with it");
     }
 
     #[test]
