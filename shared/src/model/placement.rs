@@ -342,7 +342,7 @@ mod tests {
         // the reduction, then the broadcast subtraction.
         let s = Tensor::<4>::random([1, 2, 64, 64], Distribution::Default, &device);
         let log_total = s.clone().exp().sum_dim(3).log();
-        let p = (s - log_total).exp().sum_dim(3).into_data().to_vec::<f32>().expect("f32");
+        let p = (s - log_total).exp().sum_dim(3).try_to_vec_as::<f32>().expect("f32");
         assert!(p.iter().all(|v| (v - 1.0).abs() < 1e-5), "rows do not sum to 1: {p:?}");
         assert!(!skip_unfused_broadcast_reduce(), "removed after the fusion service started");
     }
