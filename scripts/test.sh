@@ -22,7 +22,7 @@ for weights in int8 q4; do
     --data data/arena-sample.parquet --limit 1 --out target/test-demo/native-$weights-1.csv
 done
 
-echo "== SPIR-V: the vendored cubecl-spirv is the crates.io release plus its one fix, and every kernel of f16"
+echo "== third_party: each vendored crate is its crates.io release plus its one fix; SPIR-V: every kernel of f16"
 echo "   training and q4 prediction on wgpu passes spirv-val"
 bash scripts/check_vendored.sh
 bash scripts/check_features.sh
