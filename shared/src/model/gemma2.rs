@@ -77,6 +77,9 @@ pub struct Rope {
     pub cos: Tensor<2>,
     /// `[seq, head_dim]`, with `rotate_half`'s sign folded in: `cat(-sin(freqs), sin(freqs))`.
     pub sin: Tensor<2>,
+    /// Two `[head_dim]` orders of a head's indices, for [`apply_t`](Self::apply_t) without autodiff: `0..head_dim`,
+    /// and the halves swapped, `half..head_dim` then `0..half`.
+    pub order: [Tensor<1, Int>; 2],
 }
 
 impl Rope {
@@ -94,9 +97,15 @@ impl Rope {
                 sin.push(if k < half { -angle.sin() } else { angle.sin() });
             }
         }
+        let index = |range: Vec<usize>| {
+            let range: Vec<i64> = range.into_iter().map(|i| i as i64).collect();
+            Tensor::from_data(TensorData::new(range, [head_dim]), device)
+        };
+        let order = [index((0..head_dim).collect()), index((half..head_dim).chain(0..half).collect())];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, [seq, head_dim]), device),
             sin: Tensor::from_data(TensorData::new(sin, [seq, head_dim]), device),
+            order,
         }
     }
 
@@ -106,6 +115,7 @@ impl Rope {
         Self {
             cos: self.cos.cast(dtype),
             sin: self.sin.cast(dtype),
+            order: self.order,
         }
     }
 
@@ -148,7 +158,14 @@ impl Rope {
     }
 
     /// [`apply`](Self::apply) to heads in the head-major layout of the GPU's attention ([`Attention::forward`]):
-    /// the same products, with the tables read transposed (views) and the flip along the head's two halves.
+    /// the same products, with the tables read transposed (views) and the head's two halves swapped.
+    ///
+    /// Where no gradient flows (prediction, evaluation, the layers below the first adapter), `x` and its swapped
+    /// halves are both read with `select` along the head, by the index rows of [`order`](Self::order): burn's
+    /// fusion runs indexed reads inside the element-wise kernel that does the products, one kernel per call, where
+    /// a flip is a copy kernel of its own before it. A tensor read by index cannot also be read plainly in one
+    /// fused kernel, hence `x` selected in its own order too. Under autodiff the flip stays: `select`'s backward
+    /// scatters into a zeroed tensor, two kernels where the flip's backward is one flip.
     ///
     /// # Shapes
     /// `x`: `[batch, heads, head_dim, seq]` → same
@@ -158,6 +175,10 @@ impl Rope {
         let [cos, sin] = self
             .tables(seq, x.dtype())
             .map(|t| t.transpose().reshape([1, 1, head_dim, seq]));
+        if !tracked(&x) {
+            let [x, swapped] = self.order.clone().map(|order| x.clone().select(2, order));
+            return x * cos + swapped * sin;
+        }
         let swapped = x
             .clone()
             .reshape([batch, heads, 2, half, seq])
@@ -1247,15 +1268,32 @@ mod tests {
         }
     }
 
+    /// Both of `apply_t`'s ways, the indexed reads without autodiff and the flip under it.
     #[test]
     fn rope_on_head_major_heads_is_rope_transposed() {
         let (batch, seq, heads, d) = (2, 5, 3, 8);
         let rope = Rope::new(seq + 2, d, 10_000.0, &dev());
         let x = Tensor::<4>::random([batch, seq, heads, d], burn::tensor::Distribution::Normal(0.0, 1.0), &dev());
         let want = rope.apply(x.clone()).permute([0, 2, 3, 1]);
-        let got = rope.apply_t(x.permute([0, 2, 3, 1]));
-        let worst = max_difference(&got.try_to_vec_as::<f32>().unwrap(), &want.try_to_vec_as::<f32>().unwrap());
-        assert_eq!(worst, 0.0);
+        let want = want.try_to_vec_as::<f32>().unwrap();
+        let untracked = rope.apply_t(x.clone().permute([0, 2, 3, 1]));
+        let tracked_x = x.autodiff().require_grad();
+        let tracked = rope.apply_t(tracked_x.clone().permute([0, 2, 3, 1]));
+        assert!(!untracked.is_tracked() && tracked.is_tracked());
+        for got in [untracked, tracked.clone()] {
+            assert_eq!(max_difference(&got.try_to_vec_as::<f32>().unwrap(), &want), 0.0);
+        }
+        // out[j] = x[j] cos[j] + x[partner(j)] sin[j], with partner(j) = j ± d/2 (the sign is in the table), so the
+        // sum's gradient at k is cos[k] + sin[partner(k)]: the flip's backward must send the gradient back across.
+        let grads = tracked.sum().backward();
+        let grad = tracked_x.grad(&grads).unwrap().try_to_vec_as::<f32>().unwrap();
+        let [cos, sin] = [&rope.cos, &rope.sin].map(|t| t.clone().try_to_vec_as::<f32>().unwrap());
+        for (i, g) in grad.iter().enumerate() {
+            let (pos, k) = ((i / (heads * d)) % seq, i % d);
+            let partner = if k < d / 2 { k + d / 2 } else { k - d / 2 };
+            let want = cos[pos * d + k] + sin[pos * d + partner];
+            assert!((g - want).abs() < 1e-6, "d/dx[{i}] = {g}, want {want}");
+        }
     }
 
     fn max_difference(a: &[f32], b: &[f32]) -> f32 {
